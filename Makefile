@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh Debian machine:
+#   make pilot   run the local federation (Fashion-MNIST, 8 sites, 4 methods side by side)
+#   make test    run the test suite
+# Both bootstrap the .venv and the data set first (idempotent).
+
+VENV ?= .venv
+BIN := $(VENV)/bin
+PILOT_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: bootstrap pilot pilot-quick test lint typecheck bench clean
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+pilot: bootstrap
+	$(BIN)/mfed pilot $(PILOT_ARGS)
+
+pilot-quick: bootstrap
+	$(BIN)/mfed pilot --quick $(PILOT_ARGS)
+
+test: bootstrap
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: bootstrap
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+typecheck: bootstrap
+	$(BIN)/mypy
+
+bench: bootstrap
+	$(BIN)/python bench/aggregation_memory.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

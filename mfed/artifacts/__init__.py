@@ -1,0 +1,1 @@
+"""Self-describing artifacts: safetensors tensor files plus JSON manifests (no pickle, ever)."""

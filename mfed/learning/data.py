@@ -1,0 +1,174 @@
+"""A site's private data: the built-in Fashion-MNIST demo shards, or the site's own `.npz`.
+
+Fashion-MNIST is read from the IDX files of Debian's `dataset-fashion-mnist` package with
+numpy (no torchvision, no download). Shards are disjoint slices of one seeded permutation, so
+two sites with different shard indices never see the same image. Each site's training shard
+is split into train and validation parts; validation picks models, the test set only scores.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from mfed.spec import DataSource, DataSpec
+
+DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_DIR_ENV = "MFED_FASHION_MNIST_DIR"
+_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+ReadBytes = Callable[[str], bytes]  # e.g. Storage.read: a path or s3:// URI -> bytes
+
+
+class DataError(ValueError):
+    """The site's data is missing or malformed; retrying will not help."""
+
+
+@dataclass(frozen=True)
+class Split:
+    x: np.ndarray  # float32 images in [0, 1], shape (N, C, H, W)
+    y: np.ndarray  # labels (int64) or targets (float32), shape (N,)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass(frozen=True)
+class SiteData:
+    train: Split
+    val: Split
+    test: Split | None
+
+
+def read_idx(data: bytes) -> np.ndarray:
+    """Parse an IDX file (magic: 0, 0, type 0x08 = uint8, number of dims; big-endian sizes)."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError("not an IDX file of unsigned bytes")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    expected = int(np.prod(dims))
+    if len(data) - header != expected:
+        raise DataError(f"IDX payload has {len(data) - header} bytes, dims {dims} need {expected}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def fashion_mnist_dir(uri: str | None) -> Path:
+    return Path(uri or os.environ.get(FASHION_MNIST_DIR_ENV) or DEFAULT_FASHION_MNIST_DIR)
+
+
+@lru_cache(maxsize=4)
+def load_fashion_mnist(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, 28, 28), labels uint8 (N,)) of the train or test split."""
+    folder = Path(directory)
+    images_name, labels_name = _FILES[split]
+    paths = [folder / images_name, folder / labels_name]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(
+            f"Fashion-MNIST file {missing[0]} not found. Install it with "
+            f"`sudo apt-get install dataset-fashion-mnist`, or point data.uri (or "
+            f"${FASHION_MNIST_DIR_ENV}) at a directory holding the four *-ubyte.gz IDX files."
+        )
+    try:
+        images = read_idx(gzip.decompress(paths[0].read_bytes()))
+        labels = read_idx(gzip.decompress(paths[1].read_bytes()))
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read Fashion-MNIST from {folder}: {exc}") from exc
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise DataError(f"Fashion-MNIST files in {folder} disagree: {images.shape} vs {labels.shape}")
+    return images, labels
+
+
+def as_images(x: np.ndarray, where: str) -> np.ndarray:
+    """Accept (N,H,W), (N,H,W,C) or (N,C,H,W), uint8 or float; return float32 (N,C,H,W)."""
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4:
+        if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+            x = np.transpose(x, (0, 3, 1, 2))
+    else:
+        raise DataError(f"{where}: images must have 3 or 4 dimensions, got shape {x.shape}")
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"{where}: images must be uint8 or float, got {x.dtype}")
+    out = x.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise DataError(f"{where}: images contain NaN or infinite values")
+    return out
+
+
+def split_train_val(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int) -> tuple[Split, Split]:
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_val = max(1, int(round(len(x) * val_fraction)))
+    if len(x) - n_val < 1:
+        raise DataError(f"{len(x)} examples are too few to keep a validation split")
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    return Split(x[train_idx], y[train_idx]), Split(x[val_idx], y[val_idx])
+
+
+def fashion_mnist_shard(spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = load_fashion_mnist(str(fashion_mnist_dir(spec.uri)), "train")
+    shard_size = len(images) // spec.shard_count
+    order = np.random.default_rng(spec.shard_seed).permutation(len(images))
+    shard = order[spec.shard_index * shard_size : (spec.shard_index + 1) * shard_size]
+    if spec.samples is not None:
+        if spec.samples > shard_size:
+            raise DataError(
+                f"data.samples={spec.samples} exceeds the shard size {shard_size} "
+                f"(60000 images / shardCount {spec.shard_count}); lower samples or shardCount"
+            )
+        shard = shard[: spec.samples]
+    return images[shard], labels[shard].astype(np.int64)
+
+
+def load_npz(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        # allow_pickle=False: an object array in a site's file must never execute code here.
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            if "x" not in arrays or "y" not in arrays:
+                raise DataError(f"{where}: the .npz file needs arrays 'x' and 'y', has {sorted(arrays.files)}")
+            x, y = arrays["x"], arrays["y"]
+    except (ValueError, OSError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{where}: not a readable .npz file without pickles: {exc}") from exc
+    if len(x) != len(y):
+        raise DataError(f"{where}: x has {len(x)} examples but y has {len(y)}")
+    y = y.astype(np.int64) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)
+    return x, y
+
+
+def load_site_data(spec: DataSpec, *, val_fraction: float, split_seed: int, read: ReadBytes) -> SiteData:
+    """Build a site's train/val/test splits. `read` fetches npz bytes from a path or s3:// URI."""
+    if spec.source is DataSource.FASHION_MNIST:
+        x_raw, y = fashion_mnist_shard(spec)
+        test: Split | None = None
+        if spec.test_samples:
+            tx, ty = load_fashion_mnist(str(fashion_mnist_dir(spec.uri)), "test")
+            count = min(spec.test_samples, len(tx))
+            test = Split(as_images(tx[:count], "test"), ty[:count].astype(np.int64))
+        x = as_images(x_raw, "data")
+    else:
+        assert spec.uri is not None  # DataSpec guarantees it for npz
+        x_raw, y = load_npz(read(spec.uri), "data.uri")
+        x = as_images(x_raw, "data.uri")
+        test = None
+        if spec.test_uri:
+            tx, ty = load_npz(read(spec.test_uri), "data.testUri")
+            test = Split(as_images(tx, "data.testUri"), ty)
+    train, val = split_train_val(x, y, val_fraction, split_seed)
+    return SiteData(train=train, val=val, test=test)

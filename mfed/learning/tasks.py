@@ -1,0 +1,275 @@
+"""Task types: what a site's decoder outputs, its loss, its metric and the metric's direction.
+
+Built-in types: classification, label_map (classification through a label map, e.g. coarse4),
+denoise / reconstruction (PSNR), rotation (self-supervised, accuracy) and regression (MAE).
+Users add their own without editing this package, through the `mfed.tasks` entry point group:
+
+    [project.entry-points."mfed.tasks"]
+    my_task = "my_package.tasks:MyTask"     # a Task subclass taking (params, input_shape)
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from functools import lru_cache
+from importlib.metadata import entry_points
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mfed.learning.decoders import ImageOutput, Output, VectorOutput
+from mfed.learning.encoders import ImageShape
+
+ENTRY_POINT_GROUP = "mfed.tasks"
+
+
+class TaskError(ValueError):
+    """A task type or task parameter is invalid."""
+
+
+class Task(ABC):
+    """A task bound to its parameters and the input image shape."""
+
+    metric_name: str = "metric"
+    higher_is_better: bool = True
+    default_decoder: str = "mlp"
+    needs_labels: bool = True
+    allowed_params: Mapping[str, Any] = {}
+
+    def __init__(self, params: Mapping[str, Any], input_shape: ImageShape) -> None:
+        unknown = sorted(set(params) - set(self.allowed_params))
+        if unknown:
+            raise TaskError(
+                f"task type {type(self).__name__} has no parameter {unknown[0]!r}; "
+                f"allowed: {', '.join(sorted(self.allowed_params)) or 'none'}"
+            )
+        self.params = {**self.allowed_params, **params}
+        self.input_shape = input_shape
+
+    @property
+    @abstractmethod
+    def output(self) -> Output: ...
+
+    @abstractmethod
+    def train_pairs(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets for one training batch (may draw fresh randomness)."""
+
+    @abstractmethod
+    def eval_pairs(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deterministic inputs and targets for validation/test data."""
+
+    @abstractmethod
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def metric_sum(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Sum of the per-example metric over the batch (a device tensor: no host sync)."""
+
+    def distill(self, prediction: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """Output-distillation distance to the task's global decoder (MSE by default)."""
+        return F.mse_loss(prediction.float(), teacher.float())
+
+
+def _cpu_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class Classification(Task):
+    metric_name = "accuracy"
+    allowed_params: Mapping[str, Any] = {"num_classes": 10}
+
+    def __init__(self, params: Mapping[str, Any], input_shape: ImageShape) -> None:
+        super().__init__(params, input_shape)
+        classes = self.params["num_classes"]
+        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
+            raise TaskError(f"num_classes must be an integer >= 2, got {classes!r}")
+        self.num_classes = classes
+
+    @property
+    def output(self) -> Output:
+        return VectorOutput(self.num_classes)
+
+    def targets(self, y: torch.Tensor) -> torch.Tensor:
+        return y.long()
+
+    def train_pairs(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, self.targets(y)
+
+    def eval_pairs(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, self.targets(y)
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(prediction.float(), target)
+
+    def metric_sum(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (prediction.argmax(dim=1) == target).sum().float() * 100.0
+
+    def distill(self, prediction: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(
+            F.log_softmax(prediction.float(), dim=1), F.log_softmax(teacher.float(), dim=1),
+            log_target=True, reduction="batchmean",
+        )
+
+
+class LabelMap(Classification):
+    """Classification of mapped labels, e.g. coarse4 = tops/bottoms/shoes/bags."""
+
+    allowed_params: Mapping[str, Any] = {"label_map": None}
+
+    def __init__(self, params: Mapping[str, Any], input_shape: ImageShape) -> None:
+        label_map = params.get("label_map")
+        if not isinstance(label_map, list) or not label_map or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in label_map
+        ):
+            raise TaskError("label_map must be a non-empty list of class indices (e.g. [0,1,0,0,0,2,0,2,3,2])")
+        Task.__init__(self, params, input_shape)
+        self.num_classes = max(label_map) + 1
+        if self.num_classes < 2:
+            raise TaskError("label_map must map to at least 2 classes")
+        self._map = torch.tensor(label_map, dtype=torch.long)
+
+    def targets(self, y: torch.Tensor) -> torch.Tensor:
+        labels = y.long()
+        if labels.numel() and int(labels.max()) >= len(self._map):
+            raise TaskError(f"label {int(labels.max())} has no entry in label_map of length {len(self._map)}")
+        return self._map.to(labels.device)[labels]
+
+
+class Rotation(Classification):
+    """Self-supervised: predict the rotation (0/90/180/270 degrees) applied to the image."""
+
+    allowed_params: Mapping[str, Any] = {}
+    needs_labels = False
+
+    def __init__(self, params: Mapping[str, Any], input_shape: ImageShape) -> None:
+        Task.__init__(self, params, input_shape)
+        if input_shape.height != input_shape.width:
+            raise TaskError("rotation needs square images")
+        self.num_classes = 4
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, quarter_turns: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        for k in range(1, 4):
+            pick = quarter_turns == k
+            if bool(pick.any()):
+                out[pick] = torch.rot90(x[pick], k, dims=(2, 3))
+        return out
+
+    def train_pairs(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        turns = torch.randint(0, 4, (x.shape[0],), generator=generator).to(x.device)
+        return self._rotate(x, turns), turns
+
+    def eval_pairs(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        turns = torch.randint(0, 4, (x.shape[0],), generator=_cpu_generator(seed)).to(x.device)
+        return self._rotate(x, turns), turns
+
+
+class Denoise(Task):
+    """Remove Gaussian noise (sigma 0 is plain reconstruction); scored by PSNR in dB."""
+
+    metric_name = "psnr"
+    default_decoder = "upsample"
+    needs_labels = False
+    allowed_params: Mapping[str, Any] = {"sigma": 0.5}
+
+    def __init__(self, params: Mapping[str, Any], input_shape: ImageShape) -> None:
+        super().__init__(params, input_shape)
+        sigma = self.params["sigma"]
+        if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not 0 <= sigma < 10:
+            raise TaskError(f"sigma must be a number in [0, 10), got {sigma!r}")
+        self.sigma = float(sigma)
+
+    @property
+    def output(self) -> Output:
+        return ImageOutput(self.input_shape)
+
+    def _noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(x.shape, generator=generator).to(x.device) * self.sigma
+
+    def train_pairs(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return x + self._noise(x, generator), x
+
+    def eval_pairs(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return x + self._noise(x, _cpu_generator(seed)), x
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(prediction.float(), target)
+
+    def metric_sum(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        mse = ((prediction.float() - target) ** 2).flatten(1).mean(dim=1).clamp_min(1e-10)
+        return (10.0 * torch.log10(1.0 / mse)).sum()
+
+
+class Reconstruction(Denoise):
+    allowed_params: Mapping[str, Any] = {"sigma": 0.0}
+
+
+class Regression(Task):
+    """Predict a number per image (the `y` array, or the mean intensity for the demo set)."""
+
+    metric_name = "mae"
+    higher_is_better = False
+    allowed_params: Mapping[str, Any] = {"target": "y", "scale": 1.0}
+
+    def __init__(self, params: Mapping[str, Any], input_shape: ImageShape) -> None:
+        super().__init__(params, input_shape)
+        if self.params["target"] not in ("y", "mean_intensity"):
+            raise TaskError("regression target must be 'y' or 'mean_intensity'")
+        self.scale = float(self.params["scale"])
+        self.needs_labels = self.params["target"] == "y"
+
+    @property
+    def output(self) -> Output:
+        return VectorOutput(1)
+
+    def _targets(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raw = y.float() if self.params["target"] == "y" else x.flatten(1).mean(dim=1)
+        return raw * self.scale
+
+    def train_pairs(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, self._targets(x, y)
+
+    def eval_pairs(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, self._targets(x, y)
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(prediction.float().squeeze(1), target)
+
+    def metric_sum(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (prediction.float().squeeze(1) - target).abs().sum()
+
+
+BUILTIN_TASKS: dict[str, Callable[[Mapping[str, Any], ImageShape], Task]] = {
+    "classification": Classification,
+    "label_map": LabelMap,
+    "rotation": Rotation,
+    "denoise": Denoise,
+    "reconstruction": Reconstruction,
+    "regression": Regression,
+}
+
+
+@lru_cache(maxsize=1)
+def task_types() -> dict[str, Callable[[Mapping[str, Any], ImageShape], Task]]:
+    """Built-in task types plus those registered under the `mfed.tasks` entry point group."""
+    found = dict(BUILTIN_TASKS)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in BUILTIN_TASKS:
+            raise TaskError(f"entry point {ep.value!r} may not replace the built-in task type {ep.name!r}")
+        found[ep.name] = ep.load()
+    return found
+
+
+def build_task(type_name: str, params: Mapping[str, Any], input_shape: ImageShape) -> Task:
+    types = task_types()
+    if type_name not in types:
+        raise TaskError(f"unknown task type {type_name!r}; available: {', '.join(sorted(types))}")
+    task = types[type_name](params, input_shape)
+    if not isinstance(task, Task):
+        raise TaskError(f"task type {type_name!r} did not produce a mfed.learning.tasks.Task")
+    return task

@@ -1,0 +1,173 @@
+"""Local training with the M-Fed objective, and evaluation.
+
+    L_k = mean task loss of D_k(E_k(x)) + (mu/2) * ||theta(D_k) - theta(D_tau)||^2      (l2)
+    L_k = mean task loss + mu * d(D_k(E_k(x)), D_tau(E_k(x)))                             (distill)
+
+D_tau, the task's global decoder from the last round, is frozen during the round. On CUDA the
+forward pass runs under bf16 autocast and losses are accumulated on the device: the only host
+syncs are at the end of training.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from mfed.learning.data import Split
+from mfed.learning.model import SiteModel
+from mfed.learning.tasks import Task
+from mfed.spec import Regularizer
+
+ProgressCallback = Callable[[int, int], None]  # (steps done, steps total)
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {requested!r} requested but CUDA is not available")
+    return device
+
+
+@dataclass(frozen=True, kw_only=True)
+class Objective:
+    regularizer: Regularizer
+    mu: float
+    global_decoder: nn.Module | None  # D_tau, frozen; required unless regularizer is none
+
+    def __post_init__(self) -> None:
+        if self.regularizer is not Regularizer.NONE and self.mu > 0 and self.global_decoder is None:
+            raise ValueError("the decoder regulariser needs the task's global decoder")
+
+    @property
+    def active(self) -> bool:
+        return self.regularizer is not Regularizer.NONE and self.mu > 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainStats:
+    steps: int
+    examples: int
+    task_loss: float
+    regularizer_loss: float
+    total_loss: float
+    seconds: float
+
+
+def decoder_distance(decoder: nn.Module, global_decoder: nn.Module) -> torch.Tensor:
+    """||theta(D_k) - theta(D_tau)||^2 over all decoder parameters, in float32."""
+    total = torch.zeros((), device=next(decoder.parameters()).device)
+    for local, shared in zip(decoder.parameters(), global_decoder.parameters(), strict=True):
+        total = total + (local.float() - shared.detach().float()).pow(2).sum()
+    return total
+
+
+def compute_losses(
+    model: SiteModel, task: Task, inputs: torch.Tensor, targets: torch.Tensor, objective: Objective
+) -> dict[str, torch.Tensor]:
+    """Per-term losses and their total (the dict shape multi-task code bases use)."""
+    features = model.encoder(inputs)
+    prediction = model.decoder(features)
+    task_loss = task.loss(prediction, targets)
+    regularizer = torch.zeros((), device=task_loss.device)
+    if objective.active:
+        assert objective.global_decoder is not None
+        if objective.regularizer is Regularizer.L2:
+            regularizer = 0.5 * objective.mu * decoder_distance(model.decoder, objective.global_decoder)
+        else:
+            with torch.no_grad():
+                teacher = objective.global_decoder(features.detach())
+            regularizer = objective.mu * task.distill(prediction, teacher)
+    return {"task": task_loss, "regularizer": regularizer, "total": task_loss + regularizer}
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def train_local(
+    model: SiteModel,
+    task: Task,
+    train: Split,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    objective: Objective,
+    device: torch.device,
+    seed: int,
+    max_steps: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> TrainStats:
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model.to(device).train()
+    if objective.global_decoder is not None:
+        objective.global_decoder.to(device).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    x_all = torch.from_numpy(train.x)
+    y_all = torch.from_numpy(train.y)
+    if device.type == "cuda":
+        x_all, y_all = x_all.pin_memory(), y_all.pin_memory()
+    steps_per_epoch = -(-len(train) // batch_size)
+    total_steps = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    sums = {"task": torch.zeros((), device=device), "regularizer": torch.zeros((), device=device)}
+    steps = examples = 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    while steps < total_steps:
+        for index in _batches(len(train), batch_size, generator):
+            if steps >= total_steps:
+                break
+            inputs, targets = task.train_pairs(x_all[index], y_all[index], generator)
+            inputs = inputs.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with autocast:
+                losses = compute_losses(model, task, inputs, targets, objective)
+            optimizer.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            optimizer.step()
+            sums["task"] += losses["task"].detach() * len(index)
+            sums["regularizer"] += losses["regularizer"].detach() * len(index)
+            steps += 1
+            examples += len(index)
+            if progress is not None:
+                progress(steps, total_steps)
+    task_loss = float(sums["task"]) / max(examples, 1)
+    reg_loss = float(sums["regularizer"]) / max(examples, 1)
+    return TrainStats(
+        steps=steps, examples=examples, task_loss=task_loss, regularizer_loss=reg_loss,
+        total_loss=task_loss + reg_loss, seconds=time.perf_counter() - started,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: SiteModel, task: Task, split: Split, *, device: torch.device, seed: int, batch_size: int = 500
+) -> float:
+    """The task metric over a split (deterministic: eval transforms are seeded)."""
+    model.to(device).eval()
+    x_all, y_all = torch.from_numpy(split.x), torch.from_numpy(split.y)
+    inputs_all, targets_all = task.eval_pairs(x_all, y_all, seed)
+    total = torch.zeros((), device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for start in range(0, len(split), batch_size):
+        inputs = inputs_all[start : start + batch_size].to(device, non_blocking=True)
+        targets = targets_all[start : start + batch_size].to(device, non_blocking=True)
+        with autocast:
+            prediction = model(inputs)
+        total += task.metric_sum(prediction, targets)
+    return float(total) / max(len(split), 1)
+
+
+def metric_is_better(task: Task, candidate: float, incumbent: float | None) -> bool:
+    if incumbent is None or not np.isfinite(incumbent):
+        return True
+    return candidate > incumbent if task.higher_is_better else candidate < incumbent

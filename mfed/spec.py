@@ -1,0 +1,397 @@
+"""The contract between whoever schedules a round (pilot or operator) and the site trainer.
+
+A `RoundSpec` says everything one site needs for one round: its task, the model architecture,
+the training settings, where its data is, where the global model is and where to write. An
+`InitSpec` asks for the round-0 global model. Both are plain JSON documents, parsed here once,
+so the operator (no torch) and the trainer agree by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from mfed.fields import FieldError, Fields
+
+SPEC_VERSION = 1
+
+# Task names become parts of tensor keys (`tasks.<name>.decoder.*`) and of object-store paths.
+TASK_NAME = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
+SITE_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+
+
+class SpecError(FieldError):
+    """A round or init spec is invalid; retrying will not help."""
+
+
+def _check_name(pattern: re.Pattern[str], value: str, path: str, what: str) -> str:
+    if not pattern.match(value):
+        raise SpecError(
+            path,
+            f"{what} {value!r} is not valid: use lower-case letters, digits and '-' "
+            f"(start and end with a letter or digit)",
+        )
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArchSpec:
+    """An architecture chosen by registered name plus keyword parameters."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, f: Fields) -> ArchSpec:
+        f.reject_unknown(["name", "params"])
+        return cls(name=f.str("name"), params=f.mapping("params"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskSpec:
+    """A task group: sites with the same `name` share a decoder architecture and average it."""
+
+    name: str
+    type: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, f: Fields) -> TaskSpec:
+        f.reject_unknown(["name", "type", "params"])
+        name = _check_name(TASK_NAME, f.str("name"), f"{f.path}.name", "task name")
+        return cls(name=name, type=f.str("type"), params=f.mapping("params"))
+
+
+class SharingMode(str, Enum):
+    ALL = "all"
+    NONE = "none"
+    DEPTH = "depth"
+    PREFIXES = "prefixes"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SharingPolicy:
+    """Which encoder parameters are averaged ACROSS task groups (the rest stay per task).
+
+    Encoders name their blocks `encoder.stages.<i>.` from the input up, so `depth: 2` shares the
+    two lowest stages. MFED.md measured that sharing only lower layers avoids most of the
+    negative transfer that sharing everything causes.
+    """
+
+    mode: SharingMode = SharingMode.ALL
+    depth: int = 0
+    prefixes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode is SharingMode.DEPTH and self.depth < 1:
+            raise SpecError("sharing.depth", "must be at least 1 when mode is depth")
+        if self.mode is SharingMode.PREFIXES and not self.prefixes:
+            raise SpecError("sharing.prefixes", "must list at least one prefix when mode is prefixes")
+
+    @classmethod
+    def parse(cls, f: Fields) -> SharingPolicy:
+        f.reject_unknown(["mode", "depth", "prefixes"])
+        mode = SharingMode(f.str("mode", "all", choices=[m.value for m in SharingMode]))
+        return cls(mode=mode, depth=f.int("depth", 0, minimum=0), prefixes=f.str_list("prefixes"))
+
+    @classmethod
+    def from_text(cls, text: str) -> SharingPolicy:
+        """`all`, `none`, `2` / `depth:2`, or `prefix:encoder.stages.0.,encoder.stages.1.`."""
+        value = text.strip()
+        if value in ("all", "none"):
+            return cls(mode=SharingMode(value))
+        if value.isdigit() or value.startswith("depth:"):
+            return cls(mode=SharingMode.DEPTH, depth=int(value.removeprefix("depth:")))
+        if value.startswith(("prefix:", "prefixes:")):
+            items = value.split(":", 1)[1].split(",")
+            return cls(mode=SharingMode.PREFIXES, prefixes=tuple(p for p in items if p))
+        raise SpecError(
+            "sharing", f"{text!r} is not a sharing policy: use all, none, N (lowest N stages), "
+            "or prefix:<p1>,<p2>"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode.value, "depth": self.depth, "prefixes": list(self.prefixes)}
+
+
+class Regularizer(str, Enum):
+    """How the local decoder is pulled toward the task's global decoder (MFED.md)."""
+
+    NONE = "none"
+    L2 = "l2"  # (mu/2) * ||theta(D_k) - theta(D_tau)||^2, the literal reading
+    DISTILL = "distill"  # mu * d(D_k(E(x)), D_tau(E(x))), the output-distillation reading
+
+
+class DecoderSource(str, Enum):
+    """Where a site's decoder starts a round: its own from last round, or the task's global."""
+
+    OWN = "own"
+    GLOBAL = "global"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingSpec:
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    mu: float = 0.01
+    regularizer: Regularizer = Regularizer.L2
+    decoder_source: DecoderSource = DecoderSource.OWN
+    seed: int = 0
+    device: str = "auto"
+    delta_dtype: str = "float32"
+    val_fraction: float = 0.2
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise SpecError("training.epochs", "must be at least 1")
+        if self.batch_size < 1:
+            raise SpecError("training.batchSize", "must be at least 1")
+        if not self.learning_rate > 0:
+            raise SpecError("training.learningRate", "must be greater than 0")
+        if self.mu < 0:
+            raise SpecError("training.mu", "must be 0 or more")
+        if not 0 < self.val_fraction < 1:
+            raise SpecError("training.valFraction", "must be between 0 and 1 (exclusive)")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise SpecError("training.device", f"is {self.device!r}; use auto, cpu, cuda or cuda:N")
+        if self.delta_dtype not in ("float32", "float16", "bfloat16"):
+            raise SpecError("training.deltaDtype", "use float32, float16 or bfloat16")
+
+    @classmethod
+    def parse(cls, f: Fields) -> TrainingSpec:
+        f.reject_unknown([
+            "epochs", "batchSize", "learningRate", "mu", "regularizer", "decoderSource", "seed",
+            "device", "deltaDtype", "valFraction", "maxSteps",
+        ])
+        return cls(
+            epochs=f.int("epochs", 1, minimum=1),
+            batch_size=f.int("batchSize", 32, minimum=1),
+            learning_rate=f.float("learningRate", 1e-3, minimum=0, exclusive_minimum=True),
+            mu=f.float("mu", 0.01, minimum=0),
+            regularizer=Regularizer(
+                f.str("regularizer", "l2", choices=[r.value for r in Regularizer])
+            ),
+            decoder_source=DecoderSource(
+                f.str("decoderSource", "own", choices=[d.value for d in DecoderSource])
+            ),
+            seed=f.int("seed", 0),
+            device=f.str("device", "auto"),
+            delta_dtype=f.str("deltaDtype", "float32", choices=["float32", "float16", "bfloat16"]),
+            val_fraction=f.float("valFraction", 0.2, minimum=0, maximum=1),
+            max_steps=f.opt_int("maxSteps", minimum=1),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epochs": self.epochs,
+            "batchSize": self.batch_size,
+            "learningRate": self.learning_rate,
+            "mu": self.mu,
+            "regularizer": self.regularizer.value,
+            "decoderSource": self.decoder_source.value,
+            "seed": self.seed,
+            "device": self.device,
+            "deltaDtype": self.delta_dtype,
+            "valFraction": self.val_fraction,
+            "maxSteps": self.max_steps,
+        }
+
+
+class DataSource(str, Enum):
+    FASHION_MNIST = "fashion-mnist"  # the built-in demo data set, sharded per site
+    NPZ = "npz"  # a site's own data: arrays x (images) and y (labels/targets)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSpec:
+    """Where a site's private data is. Shards of the demo set are disjoint across sites."""
+
+    source: DataSource = DataSource.FASHION_MNIST
+    uri: str | None = None  # npz file (path or s3://), or a directory with the IDX files
+    test_uri: str | None = None  # optional held-out npz for scoring
+    shard_index: int = 0
+    shard_count: int = 1
+    samples: int | None = None  # take the first N images of the shard
+    shard_seed: int = 0
+    test_samples: int = 1000  # demo set: score on this many test images (0: none)
+
+    def __post_init__(self) -> None:
+        if self.shard_count < 1 or not 0 <= self.shard_index < self.shard_count:
+            raise SpecError(
+                "data.shard", f"index {self.shard_index} is not in [0, {self.shard_count})"
+            )
+        if self.source is DataSource.NPZ and not self.uri:
+            raise SpecError("data.uri", "is required for npz data: the path or s3:// URI of the file")
+
+    @classmethod
+    def parse(cls, f: Fields) -> DataSpec:
+        f.reject_unknown([
+            "source", "uri", "testUri", "shardIndex", "shardCount", "samples", "shardSeed",
+            "testSamples",
+        ])
+        return cls(
+            source=DataSource(f.str("source", "fashion-mnist", choices=[s.value for s in DataSource])),
+            uri=f.opt_str("uri"),
+            test_uri=f.opt_str("testUri"),
+            shard_index=f.int("shardIndex", 0, minimum=0),
+            shard_count=f.int("shardCount", 1, minimum=1),
+            samples=f.opt_int("samples", minimum=1),
+            shard_seed=f.int("shardSeed", 0),
+            test_samples=f.int("testSamples", 1000, minimum=0),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source.value,
+            "uri": self.uri,
+            "testUri": self.test_uri,
+            "shardIndex": self.shard_index,
+            "shardCount": self.shard_count,
+            "samples": self.samples,
+            "shardSeed": self.shard_seed,
+            "testSamples": self.test_samples,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskGroupSpec:
+    task: TaskSpec
+    decoder: ArchSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class InitSpec:
+    """Ask the trainer to write the round-0 global model (torch initialisation needs torch)."""
+
+    federation: str
+    encoder: ArchSpec
+    groups: tuple[TaskGroupSpec, ...]
+    sharing: SharingPolicy
+    seed: int
+    output: str
+
+    def __post_init__(self) -> None:
+        names = [g.task.name for g in self.groups]
+        if len(set(names)) != len(names):
+            raise SpecError("tasks", f"task names must be unique, got {names}")
+        if not names:
+            raise SpecError("tasks", "at least one task group is required")
+
+    @classmethod
+    def parse(cls, data: object) -> InitSpec:
+        f = Fields(data, "")
+        f.reject_unknown(["kind", "version", "federation", "encoder", "tasks", "sharing", "seed", "output"])
+        _check_version(f)
+        tasks = f.raw("tasks")
+        if not isinstance(tasks, list):
+            raise SpecError("tasks", "must be a list of {task, decoder}")
+        groups = []
+        for i, item in enumerate(tasks):
+            g = Fields(item, f"tasks[{i}]")
+            groups.append(
+                TaskGroupSpec(task=TaskSpec.parse(g.obj("task")), decoder=ArchSpec.parse(g.obj("decoder")))
+            )
+        return cls(
+            federation=f.str("federation"),
+            encoder=ArchSpec.parse(f.obj("encoder")),
+            groups=tuple(groups),
+            sharing=SharingPolicy.parse(f.obj("sharing", required=False)),
+            seed=f.int("seed", 0),
+            output=f.str("output"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "InitSpec",
+            "version": SPEC_VERSION,
+            "federation": self.federation,
+            "encoder": asdict(self.encoder),
+            "tasks": [{"task": asdict(g.task), "decoder": asdict(g.decoder)} for g in self.groups],
+            "sharing": self.sharing.to_dict(),
+            "seed": self.seed,
+            "output": self.output,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundSpec:
+    """One site's work for one round."""
+
+    federation: str
+    round: int
+    site: str
+    task: TaskSpec
+    encoder: ArchSpec
+    decoder: ArchSpec
+    training: TrainingSpec
+    data: DataSpec
+    global_model: str  # prefix holding model.safetensors + manifest.json
+    previous_decoder: str | None  # this site's decoder.safetensors from its last round, if any
+    output: str  # prefix to write delta.safetensors, decoder.safetensors, manifest.json
+
+    @classmethod
+    def parse(cls, data: object) -> RoundSpec:
+        f = Fields(data, "")
+        f.reject_unknown([
+            "kind", "version", "federation", "round", "site", "task", "encoder", "decoder",
+            "training", "data", "globalModel", "previousDecoder", "output",
+        ])
+        _check_version(f)
+        site = _check_name(SITE_NAME, f.str("site"), "site", "site name")
+        return cls(
+            federation=f.str("federation"),
+            round=f.int("round", minimum=1),
+            site=site,
+            task=TaskSpec.parse(f.obj("task")),
+            encoder=ArchSpec.parse(f.obj("encoder")),
+            decoder=ArchSpec.parse(f.obj("decoder")),
+            training=TrainingSpec.parse(f.obj("training", required=False)),
+            data=DataSpec.parse(f.obj("data", required=False)),
+            global_model=f.str("globalModel"),
+            previous_decoder=f.opt_str("previousDecoder"),
+            output=f.str("output"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "RoundSpec",
+            "version": SPEC_VERSION,
+            "federation": self.federation,
+            "round": self.round,
+            "site": self.site,
+            "task": asdict(self.task),
+            "encoder": asdict(self.encoder),
+            "decoder": asdict(self.decoder),
+            "training": self.training.to_dict(),
+            "data": self.data.to_dict(),
+            "globalModel": self.global_model,
+            "previousDecoder": self.previous_decoder,
+            "output": self.output,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def _check_version(f: Fields) -> None:
+    version = f.int("version", SPEC_VERSION)
+    if version != SPEC_VERSION:
+        raise SpecError(
+            "version", f"is {version}; this trainer reads version {SPEC_VERSION} (upgrade the image)"
+        )
+
+
+def parse_spec(text: str) -> RoundSpec | InitSpec:
+    """Parse a JSON spec whose `kind` is RoundSpec or InitSpec."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError("spec", f"is not valid JSON: {exc}") from exc
+    kind = Fields(data, "").str("kind", choices=["RoundSpec", "InitSpec"])
+    return RoundSpec.parse(data) if kind == "RoundSpec" else InitSpec.parse(data)

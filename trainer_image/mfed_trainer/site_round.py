@@ -1,0 +1,251 @@
+"""One site, one round: read the global model, train locally, write delta + decoder + manifest.
+
+Used unchanged by the Kubernetes Job entrypoint (`mfed-trainer`) and by the local pilot.
+Writes are ordered delta, decoder, manifest: a manifest exists only for complete uploads, and a
+restarted Job that finds its own complete upload for the same base model returns it instead of
+training again (idempotent re-runs).
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import mfed
+from mfed.aggregation.ownership import layout_global, task_view
+from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, MANIFEST_FILE, MODEL_FILE, join
+from mfed.artifacts.manifest import (
+    ContributionManifest,
+    FileRef,
+    GlobalManifest,
+    ManifestError,
+    TaskGroupInfo,
+)
+from mfed.artifacts.signature import SignatureMismatch
+from mfed.artifacts.tensorfile import (
+    StoredDtype,
+    TensorFileError,
+    decode_tensors,
+    encode_tensors,
+    sha256_hex,
+)
+from mfed.learning.data import DataError, SiteData, load_site_data
+from mfed.learning.decoders import build_decoder
+from mfed.learning.encoders import ArchError, build_encoder
+from mfed.learning.model import SiteModel, build_site_model, load_part, part_state, signature
+from mfed.learning.tasks import TaskError, build_task
+from mfed.learning.train import Objective, ProgressCallback, evaluate, pick_device, train_local
+from mfed.seeding import derive_seed
+from mfed.spec import DecoderSource, InitSpec, RoundSpec, SpecError
+from mfed.storage import NotFound, Storage
+
+
+class BadInput(Exception):
+    """The spec, data or model does not fit: retrying the same Job cannot succeed."""
+
+
+# Everything that means "fix the input", as opposed to "try again later".
+INPUT_ERRORS = (SpecError, ManifestError, SignatureMismatch, ArchError, TaskError, DataError, TensorFileError)
+
+
+@dataclass(frozen=True)
+class SiteRoundResult:
+    manifest: ContributionManifest
+    reused: bool  # True when a complete upload for this base already existed
+
+
+def _trainer_info(device: torch.device) -> dict[str, str]:
+    return {
+        "mfedVersion": mfed.__version__,
+        "torch": torch.__version__,
+        "device": str(device),
+        "python": platform.python_version(),
+    }
+
+
+def init_global_model(spec: InitSpec) -> tuple[bytes, GlobalManifest]:
+    """Round-0 global model: one seeded encoder, one seeded decoder per task group."""
+    torch.manual_seed(spec.seed)
+    encoder = build_encoder(spec.encoder)
+    decoders: dict[str, dict[str, np.ndarray]] = {}
+    infos: dict[str, TaskGroupInfo] = {}
+    encoder_state: dict[str, np.ndarray] = {}
+    encoder_signature = None
+    for group in sorted(spec.groups, key=lambda g: g.task.name):
+        torch.manual_seed(derive_seed(spec.seed, "decoder", group.task.name))
+        task = build_task(group.task.type, group.task.params, encoder.input_shape)
+        model = SiteModel(encoder, build_decoder(group.decoder, encoder.feature_dim, task.output))
+        encoder_state = part_state(model, "encoder")
+        encoder_signature = signature(model, "encoder")
+        decoders[group.task.name] = part_state(model, "decoder")
+        infos[group.task.name] = TaskGroupInfo(
+            type=group.task.type, params=dict(group.task.params), decoder=group.decoder,
+            decoder_signature=signature(model, "decoder"),
+        )
+    assert encoder_signature is not None  # InitSpec guarantees at least one group
+    tensors = layout_global(encoder_state, decoders, spec.sharing)
+    model_bytes = encode_tensors(tensors)
+    manifest = GlobalManifest(
+        federation=spec.federation,
+        round=0,
+        model=FileRef(name=MODEL_FILE, sha256=sha256_hex(model_bytes), size=len(model_bytes)),
+        encoder=spec.encoder,
+        encoder_signature=encoder_signature,
+        sharing=spec.sharing,
+        tasks=infos,
+        aggregation={"initSeed": spec.seed},
+    )
+    return model_bytes, manifest
+
+
+def write_global_model(storage: Storage, prefix: str, model_bytes: bytes, manifest: GlobalManifest) -> None:
+    storage.write(join(prefix, manifest.model.name), model_bytes)
+    storage.write(join(prefix, MANIFEST_FILE), manifest.to_json().encode())
+
+
+def read_global_model(storage: Storage, prefix: str) -> tuple[GlobalManifest, dict[str, np.ndarray]]:
+    manifest = GlobalManifest.from_json(storage.read(join(prefix, MANIFEST_FILE)))
+    data = storage.read(join(prefix, manifest.model.name))
+    if sha256_hex(data) != manifest.model.sha256:
+        raise BadInput(f"global model at {prefix} does not match its manifest's SHA-256")
+    return manifest, dict(decode_tensors(data).tensors)
+
+
+def _existing_upload(storage: Storage, spec: RoundSpec, base_digest: str) -> ContributionManifest | None:
+    manifest_uri = join(spec.output, MANIFEST_FILE)
+    try:
+        existing = ContributionManifest.from_json(storage.read(manifest_uri))
+    except (NotFound, ManifestError):
+        return None
+    if (existing.base_digest, existing.round, existing.site) != (base_digest, spec.round, spec.site):
+        return None
+    for ref in (existing.delta, existing.decoder):
+        try:
+            if sha256_hex(storage.read(join(spec.output, ref.name))) != ref.sha256:
+                return None
+        except NotFound:
+            return None
+    return existing
+
+
+def _check_task_matches(spec: RoundSpec, info: TaskGroupInfo) -> None:
+    if info.type != spec.task.type or dict(info.params) != dict(spec.task.params):
+        raise BadInput(
+            f"task {spec.task.name!r} is {spec.task.type} {dict(spec.task.params)} at this site but "
+            f"{info.type} {dict(info.params)} in the federation; sites of one task must agree"
+        )
+    if info.decoder != spec.decoder:
+        raise BadInput(
+            f"decoder {spec.decoder.name} {dict(spec.decoder.params)} differs from the task group's "
+            f"{info.decoder.name} {dict(info.decoder.params)}; decoders must agree within a task"
+        )
+
+
+def _start_decoder(storage: Storage, spec: RoundSpec, global_decoder: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
+    if spec.training.decoder_source is DecoderSource.OWN and spec.previous_decoder:
+        try:
+            own = decode_tensors(storage.read(spec.previous_decoder)).tensors
+            return dict(own), "own"
+        except NotFound:
+            pass  # first round at this site: start from the task's global decoder
+    return global_decoder, "global"
+
+
+def load_data_for(spec: RoundSpec, storage: Storage) -> SiteData:
+    """The site's splits; the same spec always gives the same train/validation split."""
+    return load_site_data(
+        spec.data, val_fraction=spec.training.val_fraction,
+        split_seed=derive_seed(spec.data.shard_seed, spec.site, "split"), read=storage.read,
+    )
+
+
+def run_site_round(
+    spec: RoundSpec,
+    storage: Storage,
+    *,
+    data: SiteData | None = None,
+    progress: ProgressCallback | None = None,
+) -> SiteRoundResult:
+    """Train one site for one round and upload its contribution. Raises BadInput or StorageError."""
+    try:
+        return _run(spec, storage, data, progress)
+    except INPUT_ERRORS as exc:
+        raise BadInput(str(exc)) from exc
+
+
+def _run(
+    spec: RoundSpec, storage: Storage, data: SiteData | None, progress: ProgressCallback | None
+) -> SiteRoundResult:
+    global_manifest, global_tensors = read_global_model(storage, spec.global_model)
+    if global_manifest.federation != spec.federation:
+        raise BadInput(f"global model belongs to federation {global_manifest.federation!r}, not {spec.federation!r}")
+    existing = _existing_upload(storage, spec, global_manifest.digest)
+    if existing is not None:
+        return SiteRoundResult(manifest=existing, reused=True)
+    info = global_manifest.tasks.get(spec.task.name)
+    if info is None:
+        raise BadInput(
+            f"task {spec.task.name!r} is not in the federation's global model "
+            f"(tasks: {', '.join(sorted(global_manifest.tasks))})"
+        )
+    _check_task_matches(spec, info)
+
+    device = pick_device(spec.training.device)
+    model, task = build_site_model(spec.encoder, spec.task, spec.decoder)
+    global_manifest.encoder_signature.require_equal(signature(model, "encoder"), "encoder")
+    info.decoder_signature.require_equal(signature(model, "decoder"), "decoder")
+
+    start_encoder = task_view(global_tensors, spec.task.name, "encoder")
+    task_decoder = task_view(global_tensors, spec.task.name, "decoder")
+    load_part(model, "encoder", start_encoder)
+    start_decoder, decoder_origin = _start_decoder(storage, spec, task_decoder)
+    load_part(model, "decoder", start_decoder)
+    global_decoder = copy.deepcopy(model.decoder)
+    global_decoder.load_state_dict({k.removeprefix("decoder."): torch.from_numpy(np.array(v)) for k, v in task_decoder.items()})
+
+    seed = derive_seed(spec.training.seed, spec.federation, spec.site, spec.round)
+    if data is None:
+        data = load_data_for(spec, storage)
+    if task.needs_labels and data.train.y.size == 0:
+        raise BadInput("this task needs labels but the site's data has none")
+    eval_seed = derive_seed("eval", spec.site)
+    metrics: dict[str, float] = {"val_before": evaluate(model, task, data.val, device=device, seed=eval_seed)}
+    if data.test is not None:
+        metrics["test_before"] = evaluate(model, task, data.test, device=device, seed=derive_seed("test", spec.task.name))
+
+    objective = Objective(regularizer=spec.training.regularizer, mu=spec.training.mu, global_decoder=global_decoder)
+    stats = train_local(
+        model, task, data.train, epochs=spec.training.epochs, batch_size=spec.training.batch_size,
+        learning_rate=spec.training.learning_rate, objective=objective, device=device, seed=seed,
+        max_steps=spec.training.max_steps, progress=progress,
+    )
+    metrics["val_after"] = evaluate(model, task, data.val, device=device, seed=eval_seed)
+    metrics.update({
+        "train_task_loss": stats.task_loss, "train_regularizer_loss": stats.regularizer_loss,
+        "steps": float(stats.steps), "train_seconds": stats.seconds, "val_samples": float(len(data.val)),
+    })
+
+    end_encoder = part_state(model, "encoder")
+    delta = {k: end_encoder[k] - start_encoder[k] for k in sorted(end_encoder)}
+    delta_dtype = StoredDtype.parse(spec.training.delta_dtype)
+    delta_bytes = encode_tensors(delta, float_dtype=delta_dtype)
+    decoder_bytes = encode_tensors(part_state(model, "decoder"))
+    manifest = ContributionManifest(
+        federation=spec.federation, round=spec.round, site=spec.site, task=spec.task.name,
+        task_type=spec.task.type, samples=len(data.train), base_digest=global_manifest.digest,
+        encoder_signature=global_manifest.encoder_signature.digest,
+        decoder_signature=info.decoder_signature.digest,
+        delta=FileRef(name=DELTA_FILE, sha256=sha256_hex(delta_bytes), size=len(delta_bytes)),
+        decoder=FileRef(name=DECODER_FILE, sha256=sha256_hex(decoder_bytes), size=len(decoder_bytes)),
+        delta_dtype=delta_dtype.value, metrics=metrics,
+        trainer={**_trainer_info(device), "metric": task.metric_name,
+                 "higherIsBetter": str(task.higher_is_better).lower(), "decoderStart": decoder_origin},
+    )
+    storage.write(join(spec.output, DELTA_FILE), delta_bytes)
+    storage.write(join(spec.output, DECODER_FILE), decoder_bytes)
+    storage.write(join(spec.output, MANIFEST_FILE), manifest.to_json().encode())
+    return SiteRoundResult(manifest=manifest, reused=False)

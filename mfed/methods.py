@@ -8,13 +8,13 @@ here, so `method: task-fedavg` means the same thing in a FederationRound and in 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from mfed.aggregation.crosstask import Level2Weighting
 from mfed.spec import DecoderSource, Regularizer, SharingMode, SharingPolicy
 
 
-class Method(str, Enum):
+class Method(StrEnum):
     LOCAL = "local"  # no federation: each site alone (pilot baseline)
     TASK_FEDAVG = "task_fedavg"  # FedAvg within each task group only
     ENCODER_FEDAVG = "encoder_fedavg"  # encoder FedAvg over all sites, decoders stay local
@@ -28,9 +28,7 @@ class Method(str, Enum):
         try:
             return cls(key)
         except ValueError:
-            raise ValueError(
-                f"unknown method {text!r}; use one of local, task-fedavg, encoder-fedavg, m-fed"
-            ) from None
+            raise ValueError(f"unknown method {text!r}; use one of local, task-fedavg, encoder-fedavg, m-fed") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,17 +56,41 @@ def plan_method(
     none = SharingPolicy(mode=SharingMode.NONE)
     if method is Method.LOCAL:
         # Each site is its own one-site federation: aggregation returns its own model.
-        return MethodPlan(method=method, federated=False, sharing=none,
-                          decoder_source=DecoderSource.GLOBAL, regularizer=Regularizer.NONE, mu=0.0,
-                          level2_weighting=Level2Weighting.UNIFORM)
+        return MethodPlan(
+            method=method,
+            federated=False,
+            sharing=none,
+            decoder_source=DecoderSource.GLOBAL,
+            regularizer=Regularizer.NONE,
+            mu=0.0,
+            level2_weighting=Level2Weighting.UNIFORM,
+        )
     if method is Method.TASK_FEDAVG:
-        return MethodPlan(method=method, federated=True, sharing=none,
-                          decoder_source=DecoderSource.GLOBAL, regularizer=Regularizer.NONE, mu=0.0,
-                          level2_weighting=Level2Weighting.UNIFORM)
+        return MethodPlan(
+            method=method,
+            federated=True,
+            sharing=none,
+            decoder_source=DecoderSource.GLOBAL,
+            regularizer=Regularizer.NONE,
+            mu=0.0,
+            level2_weighting=Level2Weighting.UNIFORM,
+        )
     if method is Method.ENCODER_FEDAVG:
-        return MethodPlan(method=method, federated=True, sharing=SharingPolicy(),
-                          decoder_source=DecoderSource.OWN, regularizer=Regularizer.NONE, mu=0.0,
-                          level2_weighting=Level2Weighting.SAMPLES)
-    return MethodPlan(method=method, federated=True, sharing=sharing,
-                      decoder_source=DecoderSource.OWN, regularizer=regularizer, mu=mu,
-                      level2_weighting=level2_weighting)
+        return MethodPlan(
+            method=method,
+            federated=True,
+            sharing=SharingPolicy(),
+            decoder_source=DecoderSource.OWN,
+            regularizer=Regularizer.NONE,
+            mu=0.0,
+            level2_weighting=Level2Weighting.SAMPLES,
+        )
+    return MethodPlan(
+        method=method,
+        federated=True,
+        sharing=sharing,
+        decoder_source=DecoderSource.OWN,
+        regularizer=regularizer,
+        mu=mu,
+        level2_weighting=level2_weighting,
+    )

@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from mfed.fields import FieldError, Fields
@@ -62,11 +62,11 @@ class TaskSpec:
     @classmethod
     def parse(cls, f: Fields) -> TaskSpec:
         f.reject_unknown(["name", "type", "params"])
-        name = _check_name(TASK_NAME, f.str("name"), f"{f.path}.name", "task name")
+        name = _check_name(TASK_NAME, f.str("name"), f.where("name"), "task name")
         return cls(name=name, type=f.str("type"), params=f.mapping("params"))
 
 
-class SharingMode(str, Enum):
+class SharingMode(StrEnum):
     ALL = "all"
     NONE = "none"
     DEPTH = "depth"
@@ -110,15 +110,14 @@ class SharingPolicy:
             items = value.split(":", 1)[1].split(",")
             return cls(mode=SharingMode.PREFIXES, prefixes=tuple(p for p in items if p))
         raise SpecError(
-            "sharing", f"{text!r} is not a sharing policy: use all, none, N (lowest N stages), "
-            "or prefix:<p1>,<p2>"
+            "sharing", f"{text!r} is not a sharing policy: use all, none, N (lowest N stages), or prefix:<p1>,<p2>"
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode.value, "depth": self.depth, "prefixes": list(self.prefixes)}
 
 
-class Regularizer(str, Enum):
+class Regularizer(StrEnum):
     """How the local decoder is pulled toward the task's global decoder (MFED.md)."""
 
     NONE = "none"
@@ -126,7 +125,7 @@ class Regularizer(str, Enum):
     DISTILL = "distill"  # mu * d(D_k(E(x)), D_tau(E(x))), the output-distillation reading
 
 
-class DecoderSource(str, Enum):
+class DecoderSource(StrEnum):
     """Where a site's decoder starts a round: its own from last round, or the task's global."""
 
     OWN = "own"
@@ -165,21 +164,28 @@ class TrainingSpec:
 
     @classmethod
     def parse(cls, f: Fields) -> TrainingSpec:
-        f.reject_unknown([
-            "epochs", "batchSize", "learningRate", "mu", "regularizer", "decoderSource", "seed",
-            "device", "deltaDtype", "valFraction", "maxSteps",
-        ])
+        f.reject_unknown(
+            [
+                "epochs",
+                "batchSize",
+                "learningRate",
+                "mu",
+                "regularizer",
+                "decoderSource",
+                "seed",
+                "device",
+                "deltaDtype",
+                "valFraction",
+                "maxSteps",
+            ]
+        )
         return cls(
             epochs=f.int("epochs", 1, minimum=1),
             batch_size=f.int("batchSize", 32, minimum=1),
             learning_rate=f.float("learningRate", 1e-3, minimum=0, exclusive_minimum=True),
             mu=f.float("mu", 0.01, minimum=0),
-            regularizer=Regularizer(
-                f.str("regularizer", "l2", choices=[r.value for r in Regularizer])
-            ),
-            decoder_source=DecoderSource(
-                f.str("decoderSource", "own", choices=[d.value for d in DecoderSource])
-            ),
+            regularizer=Regularizer(f.str("regularizer", "l2", choices=[r.value for r in Regularizer])),
+            decoder_source=DecoderSource(f.str("decoderSource", "own", choices=[d.value for d in DecoderSource])),
             seed=f.int("seed", 0),
             device=f.str("device", "auto"),
             delta_dtype=f.str("deltaDtype", "float32", choices=["float32", "float16", "bfloat16"]),
@@ -203,7 +209,7 @@ class TrainingSpec:
         }
 
 
-class DataSource(str, Enum):
+class DataSource(StrEnum):
     FASHION_MNIST = "fashion-mnist"  # the built-in demo data set, sharded per site
     NPZ = "npz"  # a site's own data: arrays x (images) and y (labels/targets)
 
@@ -223,18 +229,24 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         if self.shard_count < 1 or not 0 <= self.shard_index < self.shard_count:
-            raise SpecError(
-                "data.shard", f"index {self.shard_index} is not in [0, {self.shard_count})"
-            )
+            raise SpecError("data.shard", f"index {self.shard_index} is not in [0, {self.shard_count})")
         if self.source is DataSource.NPZ and not self.uri:
             raise SpecError("data.uri", "is required for npz data: the path or s3:// URI of the file")
 
     @classmethod
     def parse(cls, f: Fields) -> DataSpec:
-        f.reject_unknown([
-            "source", "uri", "testUri", "shardIndex", "shardCount", "samples", "shardSeed",
-            "testSamples",
-        ])
+        f.reject_unknown(
+            [
+                "source",
+                "uri",
+                "testUri",
+                "shardIndex",
+                "shardCount",
+                "samples",
+                "shardSeed",
+                "testSamples",
+            ]
+        )
         return cls(
             source=DataSource(f.str("source", "fashion-mnist", choices=[s.value for s in DataSource])),
             uri=f.opt_str("uri"),
@@ -294,9 +306,7 @@ class InitSpec:
         groups = []
         for i, item in enumerate(tasks):
             g = Fields(item, f"tasks[{i}]")
-            groups.append(
-                TaskGroupSpec(task=TaskSpec.parse(g.obj("task")), decoder=ArchSpec.parse(g.obj("decoder")))
-            )
+            groups.append(TaskGroupSpec(task=TaskSpec.parse(g.obj("task")), decoder=ArchSpec.parse(g.obj("decoder"))))
         return cls(
             federation=f.str("federation"),
             encoder=ArchSpec.parse(f.obj("encoder")),
@@ -338,10 +348,23 @@ class RoundSpec:
     @classmethod
     def parse(cls, data: object) -> RoundSpec:
         f = Fields(data, "")
-        f.reject_unknown([
-            "kind", "version", "federation", "round", "site", "task", "encoder", "decoder",
-            "training", "data", "globalModel", "previousDecoder", "output",
-        ])
+        f.reject_unknown(
+            [
+                "kind",
+                "version",
+                "federation",
+                "round",
+                "site",
+                "task",
+                "encoder",
+                "decoder",
+                "training",
+                "data",
+                "globalModel",
+                "previousDecoder",
+                "output",
+            ]
+        )
         _check_version(f)
         site = _check_name(SITE_NAME, f.str("site"), "site", "site name")
         return cls(
@@ -382,16 +405,21 @@ class RoundSpec:
 def _check_version(f: Fields) -> None:
     version = f.int("version", SPEC_VERSION)
     if version != SPEC_VERSION:
-        raise SpecError(
-            "version", f"is {version}; this trainer reads version {SPEC_VERSION} (upgrade the image)"
-        )
+        raise SpecError("version", f"is {version}; this trainer reads version {SPEC_VERSION} (upgrade the image)")
 
 
 def parse_spec(text: str) -> RoundSpec | InitSpec:
-    """Parse a JSON spec whose `kind` is RoundSpec or InitSpec."""
+    """Parse a JSON spec whose `kind` is RoundSpec or InitSpec; every failure is a SpecError."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SpecError("spec", f"is not valid JSON: {exc}") from exc
-    kind = Fields(data, "").str("kind", choices=["RoundSpec", "InitSpec"])
-    return RoundSpec.parse(data) if kind == "RoundSpec" else InitSpec.parse(data)
+    try:
+        kind = Fields(data, "").str("kind", choices=["RoundSpec", "InitSpec"])
+        return RoundSpec.parse(data) if kind == "RoundSpec" else InitSpec.parse(data)
+    except SpecError:
+        raise
+    except (FieldError, ValueError) as exc:
+        path = exc.path if isinstance(exc, FieldError) else "spec"
+        message = exc.message if isinstance(exc, FieldError) else str(exc)
+        raise SpecError(path, message) from exc

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
 
-class Level2Weighting(str, Enum):
+class Level2Weighting(StrEnum):
     UNIFORM = "uniform"  # every task group counts the same (the paper's "average of tasks")
     SAMPLES = "samples"  # groups weighted by their sample counts (= FedAvg over all sites)
 

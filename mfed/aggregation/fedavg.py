@@ -26,6 +26,7 @@ from mfed.aggregation.validate import (
     check_manifest,
     check_tensors,
 )
+from mfed.artifacts.layout import MODEL_FILE
 from mfed.artifacts.manifest import (
     ContributionManifest,
     Contributor,
@@ -33,7 +34,6 @@ from mfed.artifacts.manifest import (
     GlobalManifest,
     Rejection,
 )
-from mfed.artifacts.layout import MODEL_FILE
 from mfed.artifacts.tensorfile import encode_tensors, sha256_hex
 
 
@@ -98,9 +98,7 @@ class RoundAggregator:
     def rejections(self) -> list[Rejection]:
         return list(self._rejected)
 
-    def validate(
-        self, manifest: ContributionManifest, delta_bytes: bytes, decoder_bytes: bytes
-    ) -> ValidContribution:
+    def validate(self, manifest: ContributionManifest, delta_bytes: bytes, decoder_bytes: bytes) -> ValidContribution:
         check_manifest(manifest, self.base, self.round_number, self._accepted)
         return check_tensors(manifest, delta_bytes, decoder_bytes, self.base, self.base_tensors)
 
@@ -119,10 +117,14 @@ class RoundAggregator:
             group.metric_sums[name] = group.metric_sums.get(name, 0.0) + manifest.samples * value
             group.metric_weights[name] = group.metric_weights.get(name, 0) + manifest.samples
         self._accepted.add(site)
-        self._contributors.append(Contributor(
-            site=site, task=manifest.task, samples=manifest.samples,
-            delta_sha256=manifest.delta.sha256,
-        ))
+        self._contributors.append(
+            Contributor(
+                site=site,
+                task=manifest.task,
+                samples=manifest.samples,
+                delta_sha256=manifest.delta.sha256,
+            )
+        )
 
     def offer(self, manifest: ContributionManifest, delta_bytes: bytes, decoder_bytes: bytes) -> bool:
         """Validate and add; a rejection is recorded (and returned as False), never raised."""
@@ -227,8 +229,7 @@ def aggregate(
             aggregator.reject(exc.site, exc.reason, exc.detail)
             continue
         if manifest.site != source.site:
-            aggregator.reject(source.site, RejectReason.UNREADABLE,
-                              f"manifest names site {manifest.site!r}")
+            aggregator.reject(source.site, RejectReason.UNREADABLE, f"manifest names site {manifest.site!r}")
             continue
         try:
             check_manifest(manifest, base, round_number, set(aggregator.accepted_sites))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
@@ -24,7 +24,7 @@ from mfed.artifacts.tensorfile import (
 )
 
 
-class RejectReason(str, Enum):
+class RejectReason(StrEnum):
     UNREADABLE = "Unreadable"  # manifest or files missing / not parseable
     WRONG_FEDERATION = "WrongFederation"
     WRONG_ROUND = "WrongRound"
@@ -57,9 +57,7 @@ class ValidContribution:
     decoder: Mapping[str, np.ndarray]
 
 
-def check_manifest(
-    manifest: ContributionManifest, base: GlobalManifest, round_number: int, accepted: set[str]
-) -> None:
+def check_manifest(manifest: ContributionManifest, base: GlobalManifest, round_number: int, accepted: set[str]) -> None:
     """Metadata checks, cheap, done before any tensor bytes are read."""
     site = manifest.site
 
@@ -67,27 +65,29 @@ def check_manifest(
         return ContributionRejected(site, reason, detail)
 
     if manifest.federation != base.federation:
-        raise reject(RejectReason.WRONG_FEDERATION,
-                     f"federation {manifest.federation!r}, expected {base.federation!r}")
+        raise reject(RejectReason.WRONG_FEDERATION, f"federation {manifest.federation!r}, expected {base.federation!r}")
     if manifest.round != round_number:
         raise reject(RejectReason.WRONG_ROUND, f"round {manifest.round}, expected {round_number}")
     if site in accepted:
         raise reject(RejectReason.DUPLICATE_SITE, "this site already contributed to the round")
     if manifest.task not in base.tasks:
-        raise reject(RejectReason.UNKNOWN_TASK,
-                     f"task {manifest.task!r} is not in the global model ({', '.join(base.tasks)})")
+        raise reject(
+            RejectReason.UNKNOWN_TASK, f"task {manifest.task!r} is not in the global model ({', '.join(base.tasks)})"
+        )
     if manifest.samples <= 0:
         raise reject(RejectReason.BAD_SAMPLES, f"sample count {manifest.samples} must be positive")
     if manifest.base_digest != base.digest:
-        raise reject(RejectReason.WRONG_BASE,
-                     f"trained from {manifest.base_digest[:12]}, the round's base is {base.digest[:12]}")
+        raise reject(
+            RejectReason.WRONG_BASE, f"trained from {manifest.base_digest[:12]}, the round's base is {base.digest[:12]}"
+        )
 
 
 def _decode_checked(site: str, label: str, data: bytes, expected_sha: str) -> TensorFile:
     actual = sha256_hex(data)
     if actual != expected_sha:
         raise ContributionRejected(
-            site, RejectReason.CHECKSUM,
+            site,
+            RejectReason.CHECKSUM,
             f"{label} SHA-256 {actual[:12]} does not match the manifest's {expected_sha[:12]}",
         )
     try:
@@ -128,7 +128,8 @@ def check_tensors(
         for name in sorted(tensors):
             if stored[name] not in allowed:
                 raise ContributionRejected(
-                    site, RejectReason.DTYPE,
+                    site,
+                    RejectReason.DTYPE,
                     f"{label} {name!r} is stored as {stored[name]}, expected {sorted(allowed)[0]}",
                 )
             if not np.isfinite(tensors[name]).all():

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,10 +40,10 @@ class FileRef:
     def parse(cls, f: Fields) -> FileRef:
         name = f.str("name")
         if "/" in name or name.startswith("."):
-            raise ManifestError(f"{f.path}.name", f"{name!r} must be a plain file name")
+            raise ManifestError(f.where("name"), f"{name!r} must be a plain file name")
         sha = f.str("sha256")
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-            raise ManifestError(f"{f.path}.sha256", "must be 64 lower-case hex digits")
+            raise ManifestError(f.where("sha256"), "must be 64 lower-case hex digits")
         return cls(name=name, sha256=sha, size=f.int("size", minimum=0))
 
 
@@ -51,7 +52,7 @@ def _finite_metrics(f: Fields, name: str) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for key, value in raw.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ManifestError(f"{f.path}.{name}.{key}", f"must be a finite number, got {value!r}")
+            raise ManifestError(f"{f.where(name)}.{key}", f"must be a finite number, got {value!r}")
         metrics[str(key)] = float(value)
     return metrics
 
@@ -62,9 +63,7 @@ def _check_format(f: Fields, expected: str) -> None:
         raise ManifestError("format", f"is {fmt!r}, expected {expected!r}")
     version = f.int("formatVersion")
     if version != FORMAT_VERSION:
-        raise ManifestError(
-            "formatVersion", f"is {version}; this build reads version {FORMAT_VERSION}"
-        )
+        raise ManifestError("formatVersion", f"is {version}; this build reads version {FORMAT_VERSION}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,7 +108,11 @@ class ContributionManifest:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ContributionManifest:
-        f = Fields(_load(text), "")
+        with _as_manifest_error():
+            return cls._parse(Fields(_load(text), ""))
+
+    @classmethod
+    def _parse(cls, f: Fields) -> ContributionManifest:
         _check_format(f, CONTRIBUTION_FORMAT)
         trainer = f.mapping("trainer")
         return cls(
@@ -160,7 +163,7 @@ class TaskGroupInfo:
         try:
             signature = Signature.from_json(f.raw("decoderSignature"))
         except ValueError as exc:
-            raise ManifestError(f"{f.path}.decoderSignature", str(exc)) from exc
+            raise ManifestError(f.where("decoderSignature"), str(exc)) from exc
         return cls(
             type=f.str("type"),
             params=f.mapping("params"),
@@ -230,7 +233,11 @@ class GlobalManifest:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> GlobalManifest:
-        f = Fields(_load(text), "")
+        with _as_manifest_error():
+            return cls._parse(Fields(_load(text), ""))
+
+    @classmethod
+    def _parse(cls, f: Fields) -> GlobalManifest:
         _check_format(f, GLOBAL_FORMAT)
         try:
             encoder_signature = Signature.from_json(f.raw("encoderSignature"))
@@ -241,10 +248,14 @@ class GlobalManifest:
         contributors = []
         for i, item in enumerate(f.raw("contributors") or []):
             c = Fields(item, f"contributors[{i}]")
-            contributors.append(Contributor(
-                site=c.str("site"), task=c.str("task"), samples=c.int("samples"),
-                delta_sha256=c.str("delta_sha256"),
-            ))
+            contributors.append(
+                Contributor(
+                    site=c.str("site"),
+                    task=c.str("task"),
+                    samples=c.int("samples"),
+                    delta_sha256=c.str("delta_sha256"),
+                )
+            )
         rejected = []
         for i, item in enumerate(f.raw("rejected") or []):
             r = Fields(item, f"rejected[{i}]")
@@ -262,6 +273,17 @@ class GlobalManifest:
             rejected=tuple(rejected),
             aggregation=f.mapping("aggregation"),
         )
+
+
+@contextmanager
+def _as_manifest_error() -> Iterator[None]:
+    """Every parse failure surfaces as ManifestError, with the field path kept."""
+    try:
+        yield
+    except ManifestError:
+        raise
+    except FieldError as exc:
+        raise ManifestError(exc.path, exc.message) from exc
 
 
 def _load(text: str | bytes) -> object:

@@ -52,8 +52,13 @@ class Signature:
             raise ValueError("signature must be a list of [name, shape, dtype]")
         entries = []
         for item in data:
-            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
-                    and isinstance(item[1], list) and isinstance(item[2], str)):
+            if not (
+                isinstance(item, list)
+                and len(item) == 3
+                and isinstance(item[0], str)
+                and isinstance(item[1], list)
+                and isinstance(item[2], str)
+            ):
                 raise ValueError(f"bad signature entry {item!r}")
             entries.append((item[0], tuple(item[1]), item[2]))
         return cls.of(entries)

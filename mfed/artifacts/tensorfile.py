@@ -16,7 +16,8 @@ import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ import numpy as np
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-class StoredDtype(str, Enum):
+class StoredDtype(StrEnum):
     """How a floating tensor is stored on the wire."""
 
     F64 = "F64"
@@ -35,23 +36,31 @@ class StoredDtype(str, Enum):
     @classmethod
     def parse(cls, text: str) -> StoredDtype:
         aliases = {
-            "float64": cls.F64, "fp64": cls.F64,
-            "float32": cls.F32, "fp32": cls.F32,
-            "float16": cls.F16, "fp16": cls.F16, "half": cls.F16,
-            "bfloat16": cls.BF16, "bf16": cls.BF16,
+            "float64": cls.F64,
+            "fp64": cls.F64,
+            "float32": cls.F32,
+            "fp32": cls.F32,
+            "float16": cls.F16,
+            "fp16": cls.F16,
+            "half": cls.F16,
+            "bfloat16": cls.BF16,
+            "bf16": cls.BF16,
         }
         key = text.strip()
         if key.upper() in cls.__members__:
             return cls[key.upper()]
         if key.lower() in aliases:
             return aliases[key.lower()]
-        raise ValueError(
-            f"unknown tensor dtype {text!r}: use one of float32, float16, bfloat16 (or F32/F16/BF16)"
-        )
+        raise ValueError(f"unknown tensor dtype {text!r}: use one of float32, float16, bfloat16 (or F32/F16/BF16)")
 
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8}
-_NUMPY_OF = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I64": np.dtype("<i8")}
+_NUMPY_OF: dict[str, np.dtype[Any]] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"),
+}
 
 
 class TensorFileError(ValueError):
@@ -141,9 +150,7 @@ def decode_tensors(data: bytes) -> TensorFile:
     if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
         raise TensorFileError(f"header length {header_len} does not fit in {len(data)} bytes")
     try:
-        header = json.loads(
-            data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_reject_duplicate_keys
-        )
+        header = json.loads(data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TensorFileError(f"header is not valid UTF-8 JSON: {exc}") from exc
     if not isinstance(header, dict):
@@ -175,9 +182,7 @@ def decode_tensors(data: bytes) -> TensorFile:
         begin, end = offsets
         expected = math.prod(shape) * _ITEMSIZE[dtype]
         if begin < 0 or end - begin != expected:
-            raise TensorFileError(
-                f"tensor {name!r}: offsets [{begin}, {end}] do not hold {shape} x {dtype}"
-            )
+            raise TensorFileError(f"tensor {name!r}: offsets [{begin}, {end}] do not hold {shape} x {dtype}")
         entries.append((begin, end, name, dtype, tuple(shape)))
 
     # The buffer must be covered exactly once, in order: no overlaps (aliasing), no holes, no

@@ -113,7 +113,7 @@ def as_images(x: np.ndarray, where: str) -> np.ndarray:
 
 def split_train_val(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int) -> tuple[Split, Split]:
     order = np.random.default_rng(seed).permutation(len(x))
-    n_val = max(1, int(round(len(x) * val_fraction)))
+    n_val = max(1, round(len(x) * val_fraction))
     if len(x) - n_val < 1:
         raise DataError(f"{len(x)} examples are too few to keep a validation split")
     val_idx, train_idx = order[:n_val], order[n_val:]

@@ -33,16 +33,18 @@ Output = VectorOutput | ImageOutput
 def _params(spec: ArchSpec, allowed: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(spec.params) - set(allowed))
     if unknown:
-        raise ArchError(
-            f"decoder {spec.name!r} has no parameter {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}"
-        )
+        raise ArchError(f"decoder {spec.name!r} has no parameter {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
     return {**allowed, **spec.params}
 
 
 def mlp(spec: ArchSpec, feature_dim: int, output: Output) -> nn.Module:
     """Classification or regression head: hidden Linear+ReLU layers, then a Linear output."""
     if not isinstance(output, VectorOutput):
-        raise ArchError(f"decoder 'mlp' produces vectors; this task needs an image output {output}")
+        shape = output.shape
+        raise ArchError(
+            f"decoder 'mlp' produces vectors, but this task outputs {shape.channels}x{shape.height}x"
+            f"{shape.width} images: use decoder 'upsample'"
+        )
     p = _params(spec, {"hidden": []})
     hidden = p["hidden"]
     if not isinstance(hidden, list | tuple) or not all(isinstance(h, int) and h > 0 for h in hidden):
@@ -88,7 +90,9 @@ class _Upsample(nn.Module):
 def upsample(spec: ArchSpec, feature_dim: int, output: Output) -> nn.Module:
     """Dense image decoder: project features to a small map, then transposed convolutions."""
     if not isinstance(output, ImageOutput):
-        raise ArchError("decoder 'upsample' produces images; this task needs a vector output")
+        raise ArchError(
+            f"decoder 'upsample' produces images, but this task outputs vectors of {output.size}: use decoder 'mlp'"
+        )
     p = _params(spec, {"base_channels": 64, "steps": 2})
     return _Upsample(feature_dim, output.shape, int(p["base_channels"]), int(p["steps"]))
 

@@ -47,10 +47,7 @@ class Encoder(nn.Module):
 def _params(spec: ArchSpec, allowed: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(spec.params) - set(allowed))
     if unknown:
-        raise ArchError(
-            f"encoder {spec.name!r} has no parameter {unknown[0]!r}; "
-            f"allowed: {', '.join(sorted(allowed))}"
-        )
+        raise ArchError(f"encoder {spec.name!r} has no parameter {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
     return {**allowed, **spec.params}
 
 
@@ -63,8 +60,10 @@ def _positive_int(params: Mapping[str, Any], name: str, arch: str) -> int:
 
 def _int_list(params: Mapping[str, Any], name: str, arch: str) -> list[int]:
     value = params[name]
-    if not isinstance(value, list | tuple) or not value or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+    if (
+        not isinstance(value, list | tuple)
+        or not value
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
     ):
         raise ArchError(f"encoder {arch!r}: parameter {name!r} must be a list of positive integers")
     return list(value)
@@ -111,10 +110,17 @@ def resnet(spec: ArchSpec) -> Encoder:
     Images of 64 px and more get the ImageNet stem (7x7 stride 2 + max-pool); smaller images a
     3x3 stem, as CIFAR-style ResNets do.
     """
-    p = _params(spec, {
-        "in_channels": 3, "image_size": 32, "widths": [64, 128, 256, 512],
-        "blocks": [2, 2, 2, 2], "feature_dim": 512, "groups": 8,
-    })
+    p = _params(
+        spec,
+        {
+            "in_channels": 3,
+            "image_size": 32,
+            "widths": [64, 128, 256, 512],
+            "blocks": [2, 2, 2, 2],
+            "feature_dim": 512,
+            "groups": 8,
+        },
+    )
     in_channels = _positive_int(p, "in_channels", spec.name)
     size = _positive_int(p, "image_size", spec.name)
     widths = _int_list(p, "widths", spec.name)
@@ -127,12 +133,15 @@ def resnet(spec: ArchSpec) -> Encoder:
     if size >= 64:
         stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False),
-            nn.GroupNorm(min(groups, widths[0]), widths[0]), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+            nn.GroupNorm(min(groups, widths[0]), widths[0]),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2, 1),
         )
     else:
         stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
-            nn.GroupNorm(min(groups, widths[0]), widths[0]), nn.ReLU(),
+            nn.GroupNorm(min(groups, widths[0]), widths[0]),
+            nn.ReLU(),
         )
     stages: list[nn.Module] = [stem]
     previous = widths[0]
@@ -155,7 +164,5 @@ def build_encoder(spec: ArchSpec) -> Encoder:
     try:
         factory = ENCODERS[spec.name]
     except KeyError:
-        raise ArchError(
-            f"unknown encoder {spec.name!r}; available: {', '.join(sorted(ENCODERS))}"
-        ) from None
+        raise ArchError(f"unknown encoder {spec.name!r}; available: {', '.join(sorted(ENCODERS))}") from None
     return factory(spec)

@@ -26,7 +26,9 @@ class SiteModel(nn.Module):
         self.decoder = decoder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
+        features: torch.Tensor = self.encoder(x)
+        prediction: torch.Tensor = self.decoder(features)
+        return prediction
 
 
 def build_site_model(encoder_spec: ArchSpec, task_spec: TaskSpec, decoder_spec: ArchSpec) -> tuple[SiteModel, Task]:
@@ -49,8 +51,11 @@ def load_part(model: SiteModel, part: str, values: Mapping[str, np.ndarray]) -> 
     """Load `encoder.*` or `decoder.*` arrays into the model (strict: every key, every shape)."""
     module = getattr(model, part)
     prefix = f"{part}."
-    state = {k[len(prefix):]: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in values.items()
-             if k.startswith(prefix)}
+    state = {
+        k[len(prefix) :]: torch.from_numpy(np.array(v, dtype=np.float32))
+        for k, v in values.items()
+        if k.startswith(prefix)
+    }
     module.load_state_dict(state, strict=True)
 
 

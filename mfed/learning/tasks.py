@@ -96,7 +96,9 @@ class Classification(Task):
     def targets(self, y: torch.Tensor) -> torch.Tensor:
         return y.long()
 
-    def train_pairs(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_pairs(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return x, self.targets(y)
 
     def eval_pairs(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,8 +112,10 @@ class Classification(Task):
 
     def distill(self, prediction: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return F.kl_div(
-            F.log_softmax(prediction.float(), dim=1), F.log_softmax(teacher.float(), dim=1),
-            log_target=True, reduction="batchmean",
+            F.log_softmax(prediction.float(), dim=1),
+            F.log_softmax(teacher.float(), dim=1),
+            log_target=True,
+            reduction="batchmean",
         )
 
 
@@ -122,8 +126,10 @@ class LabelMap(Classification):
 
     def __init__(self, params: Mapping[str, Any], input_shape: ImageShape) -> None:
         label_map = params.get("label_map")
-        if not isinstance(label_map, list) or not label_map or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in label_map
+        if (
+            not isinstance(label_map, list)
+            or not label_map
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in label_map)
         ):
             raise TaskError("label_map must be a non-empty list of class indices (e.g. [0,1,0,0,0,2,0,2,3,2])")
         Task.__init__(self, params, input_shape)
@@ -160,7 +166,9 @@ class Rotation(Classification):
                 out[pick] = torch.rot90(x[pick], k, dims=(2, 3))
         return out
 
-    def train_pairs(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_pairs(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         turns = torch.randint(0, 4, (x.shape[0],), generator=generator).to(x.device)
         return self._rotate(x, turns), turns
 
@@ -191,7 +199,9 @@ class Denoise(Task):
     def _noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return torch.randn(x.shape, generator=generator).to(x.device) * self.sigma
 
-    def train_pairs(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_pairs(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return x + self._noise(x, generator), x
 
     def eval_pairs(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +241,9 @@ class Regression(Task):
         raw = y.float() if self.params["target"] == "y" else x.flatten(1).mean(dim=1)
         return raw * self.scale
 
-    def train_pairs(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_pairs(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return x, self._targets(x, y)
 
     def eval_pairs(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

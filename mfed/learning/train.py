@@ -132,7 +132,7 @@ def train_local(
             with autocast:
                 losses = compute_losses(model, task, inputs, targets, objective)
             optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
+            losses["total"].backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             sums["task"] += losses["task"].detach() * len(index)
             sums["regularizer"] += losses["regularizer"].detach() * len(index)
@@ -143,8 +143,12 @@ def train_local(
     task_loss = float(sums["task"]) / max(examples, 1)
     reg_loss = float(sums["regularizer"]) / max(examples, 1)
     return TrainStats(
-        steps=steps, examples=examples, task_loss=task_loss, regularizer_loss=reg_loss,
-        total_loss=task_loss + reg_loss, seconds=time.perf_counter() - started,
+        steps=steps,
+        examples=examples,
+        task_loss=task_loss,
+        regularizer_loss=reg_loss,
+        total_loss=task_loss + reg_loss,
+        seconds=time.perf_counter() - started,
     )
 
 

@@ -66,14 +66,18 @@ def run(spec: RoundSpec | InitSpec, storage: Storage) -> None:
     result = run_site_round(spec, storage, progress=progress)
     _report(
         "uploaded" if not result.reused else "already-uploaded",
-        site=spec.site, round=spec.round, samples=result.manifest.samples,
-        delta_sha256=result.manifest.delta.sha256, metrics=dict(result.manifest.metrics),
+        site=spec.site,
+        round=spec.round,
+        samples=result.manifest.samples,
+        delta_sha256=result.manifest.delta.sha256,
+        metrics=dict(result.manifest.metrics),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mfed-trainer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mfed-trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--spec", help="spec file, or - for stdin (default: $MFED_SPEC)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,10 +38,10 @@ from mfed.learning.data import DataError, SiteData, load_site_data
 from mfed.learning.decoders import build_decoder
 from mfed.learning.encoders import ArchError, build_encoder
 from mfed.learning.model import SiteModel, build_site_model, load_part, part_state, signature
-from mfed.learning.tasks import TaskError, build_task
+from mfed.learning.tasks import Task, TaskError, build_task
 from mfed.learning.train import Objective, ProgressCallback, evaluate, pick_device, train_local
 from mfed.seeding import derive_seed
-from mfed.spec import DecoderSource, InitSpec, RoundSpec, SpecError
+from mfed.spec import DataSpec, DecoderSource, InitSpec, RoundSpec, SpecError
 from mfed.storage import NotFound, Storage
 
 
@@ -83,7 +84,9 @@ def init_global_model(spec: InitSpec) -> tuple[bytes, GlobalManifest]:
         encoder_signature = signature(model, "encoder")
         decoders[group.task.name] = part_state(model, "decoder")
         infos[group.task.name] = TaskGroupInfo(
-            type=group.task.type, params=dict(group.task.params), decoder=group.decoder,
+            type=group.task.type,
+            params=dict(group.task.params),
+            decoder=group.decoder,
             decoder_signature=signature(model, "decoder"),
         )
     assert encoder_signature is not None  # InitSpec guarantees at least one group
@@ -145,7 +148,9 @@ def _check_task_matches(spec: RoundSpec, info: TaskGroupInfo) -> None:
         )
 
 
-def _start_decoder(storage: Storage, spec: RoundSpec, global_decoder: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
+def _start_decoder(
+    storage: Storage, spec: RoundSpec, global_decoder: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], str]:
     if spec.training.decoder_source is DecoderSource.OWN and spec.previous_decoder:
         try:
             own = decode_tensors(storage.read(spec.previous_decoder)).tensors
@@ -155,11 +160,13 @@ def _start_decoder(storage: Storage, spec: RoundSpec, global_decoder: dict[str, 
     return global_decoder, "global"
 
 
-def load_data_for(spec: RoundSpec, storage: Storage) -> SiteData:
-    """The site's splits; the same spec always gives the same train/validation split."""
+def load_site_splits(data: DataSpec, site: str, val_fraction: float, storage: Storage) -> SiteData:
+    """The site's splits; the same data spec and site always give the same validation split."""
     return load_site_data(
-        spec.data, val_fraction=spec.training.val_fraction,
-        split_seed=derive_seed(spec.data.shard_seed, spec.site, "split"), read=storage.read,
+        data,
+        val_fraction=val_fraction,
+        split_seed=derive_seed(data.shard_seed, site, "split"),
+        read=storage.read,
     )
 
 
@@ -177,15 +184,31 @@ def run_site_round(
         raise BadInput(str(exc)) from exc
 
 
-def _run(
-    spec: RoundSpec, storage: Storage, data: SiteData | None, progress: ProgressCallback | None
-) -> SiteRoundResult:
+@dataclass(frozen=True)
+class StartState:
+    """A site's model as a round starts: global encoder + starting decoder, and D_tau."""
+
+    global_manifest: GlobalManifest
+    info: TaskGroupInfo
+    model: SiteModel
+    task: Task
+    start_encoder: dict[str, np.ndarray]
+    task_decoder: dict[str, np.ndarray]
+    decoder_origin: str  # "own" (the site's decoder from last round) or "global" (D_tau)
+
+
+def prepare_start(spec: RoundSpec, storage: Storage) -> StartState:
+    """Load the global model and assemble the model this site starts the round from."""
+    try:
+        return _prepare(spec, storage)
+    except INPUT_ERRORS as exc:
+        raise BadInput(str(exc)) from exc
+
+
+def _prepare(spec: RoundSpec, storage: Storage) -> StartState:
     global_manifest, global_tensors = read_global_model(storage, spec.global_model)
     if global_manifest.federation != spec.federation:
         raise BadInput(f"global model belongs to federation {global_manifest.federation!r}, not {spec.federation!r}")
-    existing = _existing_upload(storage, spec, global_manifest.digest)
-    if existing is not None:
-        return SiteRoundResult(manifest=existing, reused=True)
     info = global_manifest.tasks.get(spec.task.name)
     if info is None:
         raise BadInput(
@@ -193,57 +216,113 @@ def _run(
             f"(tasks: {', '.join(sorted(global_manifest.tasks))})"
         )
     _check_task_matches(spec, info)
-
-    device = pick_device(spec.training.device)
     model, task = build_site_model(spec.encoder, spec.task, spec.decoder)
     global_manifest.encoder_signature.require_equal(signature(model, "encoder"), "encoder")
     info.decoder_signature.require_equal(signature(model, "decoder"), "decoder")
-
     start_encoder = task_view(global_tensors, spec.task.name, "encoder")
     task_decoder = task_view(global_tensors, spec.task.name, "decoder")
     load_part(model, "encoder", start_encoder)
     start_decoder, decoder_origin = _start_decoder(storage, spec, task_decoder)
     load_part(model, "decoder", start_decoder)
+    return StartState(
+        global_manifest=global_manifest,
+        info=info,
+        model=model,
+        task=task,
+        start_encoder=start_encoder,
+        task_decoder=task_decoder,
+        decoder_origin=decoder_origin,
+    )
+
+
+def evaluate_start(
+    spec: RoundSpec, storage: Storage, data: SiteData, *, want_test: Callable[[float], bool] = lambda val: True
+) -> dict[str, float]:
+    """Score the model a site would start `spec`'s round from: validation, and test when present
+    and `want_test(validation score)` says so (test scoring is the expensive part)."""
+    state = prepare_start(spec, storage)
+    device = pick_device(spec.training.device)
+    val = evaluate(state.model, state.task, data.val, device=device, seed=derive_seed("eval", spec.site))
+    scores = {"val": val}
+    if data.test is not None and want_test(val):
+        scores["test"] = evaluate(
+            state.model, state.task, data.test, device=device, seed=derive_seed("test", spec.task.name)
+        )
+    return scores
+
+
+def _run(
+    spec: RoundSpec, storage: Storage, data: SiteData | None, progress: ProgressCallback | None
+) -> SiteRoundResult:
+    base_manifest = GlobalManifest.from_json(storage.read(join(spec.global_model, MANIFEST_FILE)))
+    existing = _existing_upload(storage, spec, base_manifest.model.sha256)
+    if existing is not None:
+        return SiteRoundResult(manifest=existing, reused=True)
+    state = _prepare(spec, storage)
+    model, task, info = state.model, state.task, state.info
+    device = pick_device(spec.training.device)
     global_decoder = copy.deepcopy(model.decoder)
-    global_decoder.load_state_dict({k.removeprefix("decoder."): torch.from_numpy(np.array(v)) for k, v in task_decoder.items()})
+    load_part(SiteModel(model.encoder, global_decoder), "decoder", state.task_decoder)
 
     seed = derive_seed(spec.training.seed, spec.federation, spec.site, spec.round)
     if data is None:
-        data = load_data_for(spec, storage)
-    if task.needs_labels and data.train.y.size == 0:
-        raise BadInput("this task needs labels but the site's data has none")
+        data = load_site_splits(spec.data, spec.site, spec.training.val_fraction, storage)
     eval_seed = derive_seed("eval", spec.site)
     metrics: dict[str, float] = {"val_before": evaluate(model, task, data.val, device=device, seed=eval_seed)}
     if data.test is not None:
-        metrics["test_before"] = evaluate(model, task, data.test, device=device, seed=derive_seed("test", spec.task.name))
+        test_seed = derive_seed("test", spec.task.name)
+        metrics["test_before"] = evaluate(model, task, data.test, device=device, seed=test_seed)
 
     objective = Objective(regularizer=spec.training.regularizer, mu=spec.training.mu, global_decoder=global_decoder)
     stats = train_local(
-        model, task, data.train, epochs=spec.training.epochs, batch_size=spec.training.batch_size,
-        learning_rate=spec.training.learning_rate, objective=objective, device=device, seed=seed,
-        max_steps=spec.training.max_steps, progress=progress,
+        model,
+        task,
+        data.train,
+        epochs=spec.training.epochs,
+        batch_size=spec.training.batch_size,
+        learning_rate=spec.training.learning_rate,
+        objective=objective,
+        device=device,
+        seed=seed,
+        max_steps=spec.training.max_steps,
+        progress=progress,
     )
     metrics["val_after"] = evaluate(model, task, data.val, device=device, seed=eval_seed)
-    metrics.update({
-        "train_task_loss": stats.task_loss, "train_regularizer_loss": stats.regularizer_loss,
-        "steps": float(stats.steps), "train_seconds": stats.seconds, "val_samples": float(len(data.val)),
-    })
+    metrics.update(
+        {
+            "train_task_loss": stats.task_loss,
+            "train_regularizer_loss": stats.regularizer_loss,
+            "steps": float(stats.steps),
+            "train_seconds": stats.seconds,
+            "val_samples": float(len(data.val)),
+        }
+    )
 
     end_encoder = part_state(model, "encoder")
-    delta = {k: end_encoder[k] - start_encoder[k] for k in sorted(end_encoder)}
+    delta = {k: end_encoder[k] - state.start_encoder[k] for k in sorted(end_encoder)}
     delta_dtype = StoredDtype.parse(spec.training.delta_dtype)
     delta_bytes = encode_tensors(delta, float_dtype=delta_dtype)
     decoder_bytes = encode_tensors(part_state(model, "decoder"))
     manifest = ContributionManifest(
-        federation=spec.federation, round=spec.round, site=spec.site, task=spec.task.name,
-        task_type=spec.task.type, samples=len(data.train), base_digest=global_manifest.digest,
-        encoder_signature=global_manifest.encoder_signature.digest,
+        federation=spec.federation,
+        round=spec.round,
+        site=spec.site,
+        task=spec.task.name,
+        task_type=spec.task.type,
+        samples=len(data.train),
+        base_digest=state.global_manifest.digest,
+        encoder_signature=state.global_manifest.encoder_signature.digest,
         decoder_signature=info.decoder_signature.digest,
         delta=FileRef(name=DELTA_FILE, sha256=sha256_hex(delta_bytes), size=len(delta_bytes)),
         decoder=FileRef(name=DECODER_FILE, sha256=sha256_hex(decoder_bytes), size=len(decoder_bytes)),
-        delta_dtype=delta_dtype.value, metrics=metrics,
-        trainer={**_trainer_info(device), "metric": task.metric_name,
-                 "higherIsBetter": str(task.higher_is_better).lower(), "decoderStart": decoder_origin},
+        delta_dtype=delta_dtype.value,
+        metrics=metrics,
+        trainer={
+            **_trainer_info(device),
+            "metric": task.metric_name,
+            "higherIsBetter": str(task.higher_is_better).lower(),
+            "decoderStart": state.decoder_origin,
+        },
     )
     storage.write(join(spec.output, DELTA_FILE), delta_bytes)
     storage.write(join(spec.output, DECODER_FILE), decoder_bytes)

@@ -1,0 +1,114 @@
+"""What a pilot run is: sites, tasks, methods, budgets. Pure configuration, no torch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mfed.aggregation.crosstask import Level2Weighting
+from mfed.methods import Method
+from mfed.spec import ArchSpec, Regularizer, SharingPolicy, TaskSpec
+
+# The four Fashion-MNIST tasks of MFED.md.
+COARSE4_LABEL_MAP = [0, 1, 0, 0, 0, 2, 0, 2, 3, 2]  # tops / bottoms / shoes / bags
+PILOT_TASKS: dict[str, tuple[TaskSpec, ArchSpec]] = {
+    "cls10": (TaskSpec(name="cls10", type="classification", params={"num_classes": 10}), ArchSpec(name="mlp")),
+    "coarse4": (
+        TaskSpec(name="coarse4", type="label_map", params={"label_map": COARSE4_LABEL_MAP}),
+        ArchSpec(name="mlp"),
+    ),
+    "denoise": (TaskSpec(name="denoise", type="denoise", params={"sigma": 0.5}), ArchSpec(name="upsample")),
+    "rot4": (TaskSpec(name="rot4", type="rotation"), ArchSpec(name="mlp")),
+}
+ALL_METHODS = (Method.LOCAL, Method.TASK_FEDAVG, Method.ENCODER_FEDAVG, Method.MFED)
+
+
+class PilotConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class PilotConfig:
+    rounds: int = 30
+    sites_per_task: int = 2
+    samples_per_site: int = 300
+    task_samples: Mapping[str, int] = field(default_factory=dict)  # per-task override
+    tasks: tuple[str, ...] = ("cls10", "coarse4", "denoise", "rot4")
+    methods: tuple[Method, ...] = ALL_METHODS
+    seeds: tuple[int, ...] = (0,)
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    mu: float = 0.01
+    regularizer: Regularizer = Regularizer.L2
+    sharing: SharingPolicy = SharingPolicy()
+    level2_weighting: Level2Weighting = Level2Weighting.UNIFORM
+    val_fraction: float = 0.2
+    test_samples: int = 2000
+    local_min_steps: int = 1000
+    device: str = "auto"
+    encoder: ArchSpec = ArchSpec(name="small_cnn")
+    scenario: str = "equal"
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "sites_per_task", "samples_per_site", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise PilotConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        unknown = [t for t in self.tasks if t not in PILOT_TASKS]
+        if unknown:
+            raise PilotConfigError(f"unknown pilot task {unknown[0]!r}; choose from {', '.join(PILOT_TASKS)}")
+        unknown = [t for t in self.task_samples if t not in self.tasks]
+        if unknown:
+            raise PilotConfigError(f"--task-samples names {unknown[0]!r}, which is not a pilot task")
+        if not self.seeds:
+            raise PilotConfigError("--seeds needs at least one seed")
+        if Method.LOCAL not in self.methods:
+            raise PilotConfigError("the Local baseline is required: dm% is measured against it")
+        if self.local_min_steps < 0:
+            raise PilotConfigError("--local-min-steps must be 0 or more")
+
+    def samples_for(self, task: str) -> int:
+        return self.task_samples.get(task, self.samples_per_site)
+
+    @property
+    def site_count(self) -> int:
+        return len(self.tasks) * self.sites_per_task
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "rounds": self.rounds,
+            "sites_per_task": self.sites_per_task,
+            "samples_per_site": {t: self.samples_for(t) for t in self.tasks},
+            "tasks": list(self.tasks),
+            "methods": [m.value for m in self.methods],
+            "seeds": list(self.seeds),
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "mu": self.mu,
+            "regularizer": self.regularizer.value,
+            "sharing": self.sharing.to_dict(),
+            "level2_weighting": self.level2_weighting.value,
+            "val_fraction": self.val_fraction,
+            "test_samples": self.test_samples,
+            "local_min_steps": self.local_min_steps,
+            "device": self.device,
+            "encoder": {"name": self.encoder.name, "params": dict(self.encoder.params)},
+        }
+
+
+QUICK: dict[str, Any] = {
+    "rounds": 2,
+    "sites_per_task": 1,
+    "samples_per_site": 64,
+    "test_samples": 200,
+    "local_min_steps": 0,
+}
+SCENARIOS: dict[str, dict[str, Any]] = {
+    # MFED.md's equal-data benchmark: 4 tasks x 2 sites, 300 images each.
+    "equal": {},
+    # One site per task: label-scarce supervised sites beside data-rich self-supervised ones.
+    "scarce": {"sites_per_task": 1, "task_samples": {"cls10": 50, "coarse4": 50, "denoise": 3000, "rot4": 3000}},
+}

@@ -1,0 +1,160 @@
+"""Turning pilot runs into the numbers people read: per-task metrics, dm%, table, JSON, plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mfed.methods import Method
+from mfed.pilot.runner import MethodRun
+
+METHOD_LABELS = {
+    Method.LOCAL: "Local (no federation)",
+    Method.TASK_FEDAVG: "Task-FedAvg (within-task only)",
+    Method.ENCODER_FEDAVG: "Encoder-FedAvg (all sites)",
+    Method.MFED: "M-Fed",
+}
+
+
+def task_of(site: str) -> str:
+    return site.rsplit("-", 1)[0]
+
+
+def task_metrics(run: MethodRun) -> dict[str, float]:
+    """Mean over a task's sites of each site's validation-selected test score."""
+    by_task: dict[str, list[float]] = {}
+    for site, selection in sorted(run.sites.items()):
+        by_task.setdefault(task_of(site), []).append(selection.test)
+    return {task: statistics.fmean(values) for task, values in sorted(by_task.items())}
+
+
+def delta_m(metrics: Mapping[str, float], local: Mapping[str, float], higher_is_better: Mapping[str, bool]) -> float:
+    """dm% = (1/T) sum_t (-1)^{l_t} (M_t - M_t^Local) / M_t^Local * 100 (MFED.md)."""
+    terms = []
+    for task, baseline in local.items():
+        sign = 1.0 if higher_is_better[task] else -1.0
+        terms.append(sign * (metrics[task] - baseline) / baseline * 100.0)
+    return statistics.fmean(terms)
+
+
+def _mean_curve(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
+    points = []
+    for index in range(min(len(r.curve) for r in runs)):
+        per_task: dict[str, list[float]] = {}
+        for run in runs:
+            for site, value in run.curve[index].test.items():
+                per_task.setdefault(task_of(site), []).append(value)
+        points.append(
+            {
+                "round": runs[0].curve[index].round,
+                "steps": runs[0].curve[index].steps,
+                "metrics": {t: statistics.fmean(v) for t, v in sorted(per_task.items())},
+            }
+        )
+    return points
+
+
+def summarize(
+    runs: Sequence[MethodRun],
+    config: Mapping[str, Any],
+    higher_is_better: Mapping[str, bool],
+    metric_names: Mapping[str, str],
+    seconds: float,
+) -> dict[str, Any]:
+    """The results document: {"config", "methods": {m: {"metrics", "delta_m", "per_round", ...}}}."""
+    by_method: dict[Method, dict[int, MethodRun]] = {}
+    for run in runs:
+        by_method.setdefault(run.method, {})[run.seed] = run
+    local = by_method[Method.LOCAL]
+    methods: dict[str, Any] = {}
+    for method, seeds in by_method.items():
+        per_seed = {seed: task_metrics(run) for seed, run in sorted(seeds.items())}
+        dm_per_seed = {seed: delta_m(m, task_metrics(local[seed]), higher_is_better) for seed, m in per_seed.items()}
+        tasks = sorted(next(iter(per_seed.values())))
+        methods[method.value] = {
+            "label": METHOD_LABELS[method],
+            "metrics": {t: statistics.fmean(m[t] for m in per_seed.values()) for t in tasks},
+            "metrics_std": {t: statistics.pstdev([m[t] for m in per_seed.values()]) for t in tasks},
+            "metrics_per_seed": {str(s): m for s, m in per_seed.items()},
+            "delta_m": statistics.fmean(dm_per_seed.values()),
+            "delta_m_per_seed": {str(s): v for s, v in dm_per_seed.items()},
+            "steps_per_site": max(max(r.steps_per_site.values()) for r in seeds.values()),
+            "selected": {
+                str(s): {
+                    site: {"round": sel.round, "steps": sel.steps, "val": sel.val, "test": sel.test}
+                    for site, sel in sorted(r.sites.items())
+                }
+                for s, r in sorted(seeds.items())
+            },
+            "per_round": _mean_curve(list(seeds.values())),
+        }
+    return {
+        "config": dict(config),
+        "tasks": {
+            t: {"metric": metric_names[t], "higher_is_better": higher_is_better[t]} for t in sorted(higher_is_better)
+        },
+        "seconds": seconds,
+        "methods": methods,
+    }
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    tasks = sorted(results["tasks"])
+    header = ["method", *[f"{t} ({results['tasks'][t]['metric']})" for t in tasks], "dm% vs Local", "steps/site"]
+    rows = [header]
+    for method in results["methods"].values():
+        cells = [method["label"]]
+        for t in tasks:
+            value, spread = method["metrics"][t], method["metrics_std"][t]
+            cells.append(f"{value:.2f}" + (f" ±{spread:.2f}" if len(method["metrics_per_seed"]) > 1 else ""))
+        cells += [f"{method['delta_m']:+.2f}", str(method["steps_per_site"])]
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    seeds = ", ".join(next(iter(results["methods"].values()))["metrics_per_seed"])
+    lines.append(f"mean over seeds {seeds}; each site's model chosen on its own validation split")
+    return "\n".join(lines)
+
+
+def write_results(results: Mapping[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+
+
+def plot(results: Mapping[str, Any], path: Path) -> None:
+    """One panel per task: mean test metric versus optimizer steps per site, a line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted(results["tasks"])
+    columns = min(2, len(tasks))
+    rows = math.ceil(len(tasks) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4 * rows), squeeze=False)
+    for ax, task in zip(axes.flat, tasks, strict=False):
+        for method in results["methods"].values():
+            points = method["per_round"]
+            ax.plot([p["steps"] for p in points], [p["metrics"][task] for p in points], label=method["label"])
+        ax.set_title(
+            f"{task}: {results['tasks'][task]['metric']} "
+            f"({'higher' if results['tasks'][task]['higher_is_better'] else 'lower'} is better)"
+        )
+        ax.set_xlabel("optimizer steps per site")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"mfed pilot: {results['config'].get('scenario', '')} scenario, test metric per round")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,316 @@
+"""The local federation: every method runs through the real trainer round and aggregator.
+
+Sites, rounds and the global model go through the same code a Kubernetes deployment uses
+(`run_site_round` writes safetensors + manifests; `aggregate` streams and validates them),
+only with a local directory instead of S3 and in-process calls instead of Jobs.
+
+Fairness (MFED.md): Local gets at least as many optimizer steps per site as any federated
+method (`local_min_steps` more if that is larger), and every method's reported model per site
+is the round with the best score on that site's own validation split, never the test set.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from mfed_trainer.site_round import (
+    evaluate_start,
+    init_global_model,
+    load_site_splits,
+    read_global_model,
+    run_site_round,
+    write_global_model,
+)
+
+from mfed.aggregation.fedavg import AggregationSettings, ContributionSource, aggregate
+from mfed.artifacts.layout import DECODER_FILE, MANIFEST_FILE, global_prefix, join, round_prefix, site_prefix
+from mfed.artifacts.manifest import ContributionManifest
+from mfed.learning.data import SiteData
+from mfed.learning.encoders import build_encoder
+from mfed.learning.tasks import build_task
+from mfed.methods import Method, MethodPlan, plan_method
+from mfed.pilot.config import PILOT_TASKS, PilotConfig
+from mfed.seeding import derive_seed
+from mfed.spec import ArchSpec, DataSpec, InitSpec, RoundSpec, TaskGroupSpec, TaskSpec, TrainingSpec
+from mfed.storage import Storage
+
+SiteRoundCallback = Callable[[], None]
+FASHION_MNIST_TRAIN = 60000
+
+
+@dataclass(frozen=True)
+class PilotSite:
+    name: str
+    task: TaskSpec
+    decoder: ArchSpec
+    data: DataSpec
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    round: int
+    steps: int  # optimizer steps per site so far
+    test: dict[str, float]  # per site
+
+
+@dataclass
+class SiteSelection:
+    """The validation-selected model of one site."""
+
+    round: int = 0
+    steps: int = 0
+    val: float | None = None
+    test: float = math.nan
+
+
+@dataclass
+class MethodRun:
+    method: Method
+    seed: int
+    sites: dict[str, SiteSelection] = field(default_factory=dict)
+    curve: list[CurvePoint] = field(default_factory=list)
+    steps_per_site: dict[str, int] = field(default_factory=dict)
+    rejected: int = 0
+
+
+def pilot_sites(config: PilotConfig, seed: int) -> list[PilotSite]:
+    """Sites named `<task>-<i>`, each on its own disjoint shard of Fashion-MNIST's train set."""
+    shard_count = config.site_count
+    shard_size = FASHION_MNIST_TRAIN // shard_count
+    sites = []
+    for t, task_name in enumerate(config.tasks):
+        task, decoder = PILOT_TASKS[task_name]
+        samples = config.samples_for(task_name)
+        if samples > shard_size:
+            raise ValueError(
+                f"{samples} samples per {task_name} site exceed the {shard_size}-image shards of {shard_count} sites"
+            )
+        for i in range(config.sites_per_task):
+            data = DataSpec(
+                shard_index=t * config.sites_per_task + i,
+                shard_count=shard_count,
+                samples=samples,
+                shard_seed=seed,
+                test_samples=config.test_samples,
+            )
+            sites.append(PilotSite(name=f"{task_name}-{i}", task=task, decoder=decoder, data=data))
+    return sites
+
+
+def steps_per_round(config: PilotConfig, samples: int) -> int:
+    train = samples - max(1, round(samples * config.val_fraction))
+    return config.epochs * -(-train // config.batch_size)
+
+
+def local_rounds(config: PilotConfig) -> int:
+    """Local trains until it has at least the steps of any federated method and local_min_steps."""
+    rounds = config.rounds
+    for task in config.tasks:
+        per_round = steps_per_round(config, config.samples_for(task))
+        rounds = max(rounds, -(-config.local_min_steps // per_round))
+    return rounds
+
+
+class Federation:
+    """One method over a set of sites, with its own artifact directory."""
+
+    def __init__(
+        self,
+        *,
+        sites: Sequence[PilotSite],
+        plan: MethodPlan,
+        config: PilotConfig,
+        seed: int,
+        data: dict[str, SiteData],
+        root: Path,
+        name: str,
+    ) -> None:
+        self.sites = sorted(sites, key=lambda s: s.name)
+        self.plan, self.config, self.seed, self.data = plan, config, seed, data
+        self.root, self.name = str(root), name
+        self.storage = Storage()
+        self.training = TrainingSpec(
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            mu=plan.mu,
+            regularizer=plan.regularizer,
+            decoder_source=plan.decoder_source,
+            seed=seed,
+            device=config.device,
+            val_fraction=config.val_fraction,
+        )
+
+    def _prefix(self, round_number: int) -> str:
+        return round_prefix(self.root, self.name, f"round-{round_number:04d}")
+
+    def spec(self, site: PilotSite, round_number: int) -> RoundSpec:
+        previous = None
+        if round_number > 1:
+            previous = join(site_prefix(self._prefix(round_number - 1), site.name), DECODER_FILE)
+        return RoundSpec(
+            federation=self.name,
+            round=round_number,
+            site=site.name,
+            task=site.task,
+            encoder=self.config.encoder,
+            decoder=site.decoder,
+            training=self.training,
+            data=site.data,
+            global_model=global_prefix(self._prefix(round_number - 1)),
+            previous_decoder=previous,
+            output=site_prefix(self._prefix(round_number), site.name),
+        )
+
+    def initialise(self) -> None:
+        groups = {s.task.name: TaskGroupSpec(task=s.task, decoder=s.decoder) for s in self.sites}
+        init = InitSpec(
+            federation=self.name,
+            encoder=self.config.encoder,
+            groups=tuple(groups.values()),
+            sharing=self.plan.sharing,
+            seed=derive_seed(self.seed, "init"),
+            output=global_prefix(self._prefix(0)),
+        )
+        model_bytes, manifest = init_global_model(init)
+        write_global_model(self.storage, init.output, model_bytes, manifest)
+
+    def _source(self, site: PilotSite, round_number: int) -> ContributionSource:
+        prefix = site_prefix(self._prefix(round_number), site.name)
+        return ContributionSource(
+            site=site.name,
+            read_manifest=lambda: ContributionManifest.from_json(self.storage.read(join(prefix, MANIFEST_FILE))),
+            read_files=lambda m: (
+                self.storage.read(join(prefix, m.delta.name)),
+                self.storage.read(join(prefix, m.decoder.name)),
+            ),
+        )
+
+    def run_round(self, round_number: int, on_site_round: SiteRoundCallback) -> int:
+        """Train every site and aggregate; returns the optimizer steps each site took."""
+        steps = 0
+        for site in self.sites:
+            # The trainer gets no test data: model selection must never see it.
+            data = replace(self.data[site.name], test=None)
+            result = run_site_round(self.spec(site, round_number), self.storage, data=data)
+            steps = max(steps, int(result.manifest.metrics["steps"]))
+            on_site_round()
+        base, tensors = read_global_model(self.storage, self.spec(self.sites[0], round_number).global_model)
+        aggregated = aggregate(
+            base,
+            tensors,
+            round_number,
+            [self._source(s, round_number) for s in self.sites],
+            AggregationSettings(level2_weighting=self.plan.level2_weighting),
+        )
+        if aggregated.manifest.rejected:
+            raise RuntimeError(f"pilot contribution rejected: {aggregated.manifest.rejected[0]}")
+        write_global_model(
+            self.storage, global_prefix(self._prefix(round_number)), aggregated.model_bytes, aggregated.manifest
+        )
+        if round_number >= 2:  # keep the directory small: the previous round's files are no longer read
+            shutil.rmtree(self._prefix(round_number - 1), ignore_errors=True)
+        return steps
+
+    def score(self, site: PilotSite, round_number: int, want_test: Callable[[float], bool]) -> dict[str, float]:
+        """Score the model the site would start the next round from (global encoder + its decoder)."""
+        return evaluate_start(
+            self.spec(site, round_number + 1), self.storage, self.data[site.name], want_test=want_test
+        )
+
+
+def _improves(current: SiteSelection | None, val: float, higher_is_better: bool) -> bool:
+    if current is None or current.val is None:
+        return True
+    return val > current.val if higher_is_better else val < current.val
+
+
+def _test_wanted(on_curve: bool, current: SiteSelection | None, higher_is_better: bool) -> Callable[[float], bool]:
+    """Score test data only for curve points and for models that may be selected (it is the costly part)."""
+    return lambda val: on_curve or _improves(current, val, higher_is_better)
+
+
+def _select(
+    run: MethodRun, site: str, round_number: int, steps: int, scores: dict[str, float], higher_is_better: bool
+) -> None:
+    """Keep the round with the best validation score; its test score is what gets reported."""
+    if _improves(run.sites.get(site), scores["val"], higher_is_better):
+        run.sites[site] = SiteSelection(round=round_number, steps=steps, val=scores["val"], test=scores["test"])
+
+
+def run_method(
+    method: Method,
+    config: PilotConfig,
+    seed: int,
+    data: dict[str, SiteData],
+    higher_is_better: dict[str, bool],
+    on_site_round: SiteRoundCallback,
+) -> MethodRun:
+    plan = plan_method(
+        method,
+        sharing=config.sharing,
+        mu=config.mu,
+        regularizer=config.regularizer,
+        level2_weighting=config.level2_weighting,
+    )
+    sites = pilot_sites(config, seed)
+    run = MethodRun(method=method, seed=seed)
+    # Local: each site is a federation of one, trained for the Local budget.
+    groups = [[s] for s in sites] if not plan.federated else [sites]
+    rounds = local_rounds(config) if not plan.federated else config.rounds
+    # At most `config.rounds` curve points per method, so long Local runs stay cheap to score.
+    stride = max(1, rounds // config.rounds)
+    per_round: dict[int, dict[str, float]] = {}
+    steps_at: dict[int, int] = {}
+    with tempfile.TemporaryDirectory(prefix=f"mfed-pilot-{method.value}-") as tmp:
+        for group in groups:
+            name = f"{method.value.replace('_', '-')}-{group[0].name if len(group) == 1 else 'all'}"
+            federation = Federation(
+                sites=group, plan=plan, config=config, seed=seed, data=data, root=Path(tmp), name=name
+            )
+            federation.initialise()
+            total_steps = 0
+            for r in range(1, rounds + 1):
+                total_steps += federation.run_round(r, on_site_round)
+                on_curve = r % stride == 0 or r == rounds
+                for site in group:
+                    direction = higher_is_better[site.task.name]
+                    current = run.sites.get(site.name)
+                    scores = federation.score(site, r, want_test=_test_wanted(on_curve, current, direction))
+                    if _improves(current, scores["val"], direction):
+                        _select(run, site.name, r, total_steps, scores, direction)
+                    run.steps_per_site[site.name] = total_steps
+                    if on_curve:
+                        per_round.setdefault(r, {})[site.name] = scores["test"]
+                        steps_at[r] = max(steps_at.get(r, 0), total_steps)
+    run.curve = [CurvePoint(round=r, steps=steps_at[r], test=per_round[r]) for r in sorted(per_round)]
+    return run
+
+
+def site_data(config: PilotConfig, seed: int) -> dict[str, SiteData]:
+    """Load every site's splits once per seed (the same splits the trainer would build)."""
+    storage = Storage()
+    return {
+        site.name: load_site_splits(site.data, site.name, config.val_fraction, storage)
+        for site in pilot_sites(config, seed)
+    }
+
+
+def higher_is_better(config: PilotConfig) -> dict[str, bool]:
+    shape = build_encoder(config.encoder).input_shape
+    return {
+        t: build_task(PILOT_TASKS[t][0].type, PILOT_TASKS[t][0].params, shape).higher_is_better for t in config.tasks
+    }
+
+
+def total_site_rounds(config: PilotConfig) -> int:
+    per_seed = 0
+    for method in config.methods:
+        rounds = local_rounds(config) if method is Method.LOCAL else config.rounds
+        per_seed += rounds * config.site_count
+    return per_seed * len(config.seeds)

@@ -1,0 +1,84 @@
+"""Small synthetic global models and contributions built with numpy only (no torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from mfed.aggregation.ownership import layout_global
+from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, MODEL_FILE
+from mfed.artifacts.manifest import ContributionManifest, FileRef, GlobalManifest, TaskGroupInfo
+from mfed.artifacts.signature import Signature
+from mfed.artifacts.tensorfile import StoredDtype, encode_tensors, sha256_hex
+from mfed.spec import ArchSpec, SharingPolicy
+
+ENCODER_SHAPES = {"encoder.stages.0.weight": (3, 4), "encoder.stages.0.bias": (3,), "encoder.stages.1.weight": (2, 3)}
+DECODER_SHAPES = {"a": {"decoder.0.weight": (5, 2)}, "b": {"decoder.0.weight": (1, 2), "decoder.0.bias": (1,)}}
+
+
+def random_arrays(shapes: Mapping[str, tuple[int, ...]], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+
+
+def make_base(
+    sharing: SharingPolicy = SharingPolicy(), seed: int = 0, federation: str = "fed"
+) -> tuple[GlobalManifest, dict[str, np.ndarray], bytes]:
+    rng = np.random.default_rng(seed)
+    encoder = random_arrays(ENCODER_SHAPES, rng)
+    decoders = {task: random_arrays(shapes, rng) for task, shapes in DECODER_SHAPES.items()}
+    tensors = layout_global(encoder, decoders, sharing)
+    data = encode_tensors(tensors)
+    manifest = GlobalManifest(
+        federation=federation,
+        round=0,
+        model=FileRef(name=MODEL_FILE, sha256=sha256_hex(data), size=len(data)),
+        encoder=ArchSpec(name="toy"),
+        encoder_signature=Signature.of_arrays(encoder),
+        sharing=sharing,
+        tasks={
+            task: TaskGroupInfo(
+                type="toy",
+                params={},
+                decoder=ArchSpec(name="toy"),
+                decoder_signature=Signature.of_arrays(decoders[task]),
+            )
+            for task in sorted(decoders)
+        },
+    )
+    return manifest, dict(tensors), data
+
+
+def make_contribution(
+    base: GlobalManifest,
+    site: str,
+    task: str,
+    samples: int,
+    rng: np.random.Generator,
+    *,
+    round_number: int = 1,
+    delta: dict[str, np.ndarray] | None = None,
+    decoder: dict[str, np.ndarray] | None = None,
+    delta_dtype: StoredDtype = StoredDtype.F32,
+    metrics: Mapping[str, float] | None = None,
+) -> tuple[ContributionManifest, bytes, bytes, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    delta = delta if delta is not None else random_arrays(ENCODER_SHAPES, rng)
+    decoder = decoder if decoder is not None else random_arrays(DECODER_SHAPES[task], rng)
+    delta_bytes = encode_tensors(delta, float_dtype=delta_dtype)
+    decoder_bytes = encode_tensors(decoder)
+    manifest = ContributionManifest(
+        federation=base.federation,
+        round=round_number,
+        site=site,
+        task=task,
+        task_type="toy",
+        samples=samples,
+        base_digest=base.digest,
+        encoder_signature=base.encoder_signature.digest,
+        decoder_signature=base.tasks[task].decoder_signature.digest,
+        delta=FileRef(name=DELTA_FILE, sha256=sha256_hex(delta_bytes), size=len(delta_bytes)),
+        decoder=FileRef(name=DECODER_FILE, sha256=sha256_hex(decoder_bytes), size=len(decoder_bytes)),
+        delta_dtype=delta_dtype.value,
+        metrics=dict(metrics or {}),
+    )
+    return manifest, delta_bytes, decoder_bytes, delta, decoder

@@ -1,0 +1,89 @@
+"""The local pilot: a tiny end-to-end run, and the fairness rules every comparison obeys."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from mfed.cli import main
+from mfed.methods import Method
+from mfed.pilot.config import PilotConfig, PilotConfigError
+from mfed.pilot.report import delta_m
+from mfed.pilot.runner import MethodRun, _select, local_rounds, pilot_sites, steps_per_round
+
+
+def test_quick_pilot_runs_every_method_and_writes_table_json_and_plot(tmp_path, capsys):
+    assert main(["pilot", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    for label in ("Local", "Task-FedAvg", "Encoder-FedAvg", "M-Fed", "dm% vs Local", "steps/site"):
+        assert label in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["methods"]) == {"local", "task_fedavg", "encoder_fedavg", "mfed"}
+    for method in results["methods"].values():
+        assert set(method["metrics"]) == {"cls10", "coarse4", "denoise", "rot4"}
+        assert isinstance(method["delta_m"], float) and method["per_round"]
+    assert results["methods"]["local"]["delta_m"] == 0.0
+    assert results["config"]["rounds"] == 2
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Fairness, measured: Local never trains fewer steps per site than any federated method.
+    local_steps = results["methods"]["local"]["steps_per_site"]
+    assert all(local_steps >= m["steps_per_site"] for m in results["methods"].values())
+
+
+def test_local_budget_covers_every_federated_method_and_the_minimum():
+    config = PilotConfig(rounds=30, samples_per_site=300, local_min_steps=1000)
+    per_round = steps_per_round(config, 300)
+    assert per_round == 8  # 240 training images in batches of 32
+    assert local_rounds(config) * per_round >= max(1000, 30 * per_round)
+    scarce = PilotConfig(rounds=30, sites_per_task=1, task_samples={"cls10": 50}, local_min_steps=0)
+    assert local_rounds(scarce) == 30  # never fewer rounds than the federated methods
+
+
+def test_each_site_reports_the_round_with_the_best_validation_score_not_the_best_test_score():
+    run = MethodRun(method=Method.MFED, seed=0)
+    for round_number, (val, test) in enumerate([(50.0, 90.0), (70.0, 60.0), (65.0, 95.0)], start=1):
+        _select(run, "cls10-0", round_number, round_number * 8, {"val": val, "test": test}, higher_is_better=True)
+    chosen = run.sites["cls10-0"]
+    assert (chosen.round, chosen.test) == (2, 60.0)
+    for round_number, (val, test) in enumerate([(0.5, 1.0), (0.2, 3.0)], start=1):
+        _select(run, "mae-0", round_number, 0, {"val": val, "test": test}, higher_is_better=False)
+    assert run.sites["mae-0"].round == 2
+
+
+def test_delta_m_follows_the_metric_direction():
+    local = {"acc": 80.0, "mae": 2.0}
+    better = {"acc": 88.0, "mae": 1.0}
+    assert delta_m(better, local, {"acc": True, "mae": False}) == pytest.approx((10.0 + 50.0) / 2)
+
+
+def test_pilot_sites_get_disjoint_shards_and_per_task_sample_counts():
+    config = PilotConfig(sites_per_task=1, task_samples={"cls10": 50, "rot4": 3000})
+    sites = pilot_sites(config, seed=0)
+    assert [s.name for s in sites] == ["cls10-0", "coarse4-0", "denoise-0", "rot4-0"]
+    assert len({s.data.shard_index for s in sites}) == 4
+    assert {s.name: s.data.samples for s in sites}["rot4-0"] == 3000
+
+
+def test_the_local_baseline_cannot_be_left_out():
+    with pytest.raises(PilotConfigError, match="Local baseline is required"):
+        replace(PilotConfig(), methods=(Method.MFED,))
+
+
+def test_pilot_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["pilot", "--help"])
+    text = capsys.readouterr().out
+    for option in (
+        "--rounds",
+        "--sites-per-task",
+        "--samples-per-site",
+        "--seeds",
+        "--device",
+        "--mu",
+        "--shared-layers",
+        "--quick",
+        "--scenario",
+    ):
+        assert option in text

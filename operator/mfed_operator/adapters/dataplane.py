@@ -1,0 +1,225 @@
+"""The S3 data plane: read a base model, verify a site's contribution, aggregate a round.
+
+Blocking functions meant for a worker thread (never the event loop). Storage outages raise
+`mfed.storage.StorageError` for the caller to retry with backoff; bad data becomes a typed
+rejection that ends up in the round's status.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from mfed.aggregation.fedavg import ContributionSource, RoundAggregator, aggregate
+from mfed.aggregation.validate import ContributionRejected, RejectReason
+from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, MANIFEST_FILE, MODEL_FILE, join
+from mfed.artifacts.manifest import ContributionManifest, GlobalManifest, ManifestError
+from mfed.artifacts.tensorfile import TensorFileError, decode_tensors, sha256_hex
+from mfed.storage import NotFound, Storage
+from mfed_operator.domain.actions import (
+    Aggregate,
+    Aggregated,
+    AggregationImpossible,
+    SiteRejected,
+    SiteVerified,
+)
+from mfed_operator.domain.validation import BaseSummary, BaseTask
+
+
+class BaseModelError(Exception):
+    """The base model is missing or corrupt (not a storage outage)."""
+
+
+class CountingStorage:
+    """Storage that counts the bytes it moves (for the bytes-moved metric)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._lock = threading.Lock()
+        self.read_bytes = 0
+        self.written_bytes = 0
+
+    def read(self, uri: str) -> bytes:
+        data = self._storage.read(uri)
+        with self._lock:
+            self.read_bytes += len(data)
+        return data
+
+    def write(self, uri: str, data: bytes) -> None:
+        self._storage.write(uri, data)
+        with self._lock:
+            self.written_bytes += len(data)
+
+    def exists(self, uri: str) -> bool:
+        return self._storage.exists(uri)
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    manifest: GlobalManifest
+    tensors: Mapping[str, np.ndarray]
+
+
+class BaseModelCache:
+    """Keeps the last few base models (by URI and digest), so verifying N sites reads it once."""
+
+    def __init__(self, size: int = 2) -> None:
+        self._items: OrderedDict[tuple[str, str], BaseModel] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, storage: CountingStorage, uri: str, sha256: str) -> BaseModel:
+        key = (uri, sha256)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        model = read_base_model(storage, uri)
+        if model.manifest.digest != sha256:
+            raise BaseModelError(
+                f"the model at {uri} changed: digest {model.manifest.digest[:12]}, expected {sha256[:12]}"
+            )
+        with self._lock:
+            self._items[key] = model
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return model
+
+
+def read_base_manifest(storage: CountingStorage, uri: str) -> GlobalManifest:
+    try:
+        return GlobalManifest.from_json(storage.read(join(uri, MANIFEST_FILE)))
+    except NotFound:
+        raise BaseModelError(f"no global model manifest at {join(uri, MANIFEST_FILE)}") from None
+    except ManifestError as exc:
+        raise BaseModelError(f"the manifest at {uri} is invalid: {exc}") from None
+
+
+def read_base_model(storage: CountingStorage, uri: str) -> BaseModel:
+    manifest = read_base_manifest(storage, uri)
+    try:
+        data = storage.read(join(uri, manifest.model.name))
+    except NotFound:
+        raise BaseModelError(f"{join(uri, manifest.model.name)} is missing") from None
+    if sha256_hex(data) != manifest.model.sha256:
+        raise BaseModelError(f"{join(uri, manifest.model.name)} does not match its manifest's SHA-256")
+    try:
+        tensors = decode_tensors(data).tensors
+    except TensorFileError as exc:
+        raise BaseModelError(f"{join(uri, manifest.model.name)} is not a valid tensor file: {exc}") from None
+    return BaseModel(manifest=manifest, tensors=dict(tensors))
+
+
+def inspect_base(storage: CountingStorage, uri: str) -> BaseSummary:
+    """Read the manifest only (small), and check the model file is there."""
+    manifest = read_base_manifest(storage, uri)
+    if not storage.exists(join(uri, manifest.model.name)):
+        raise BaseModelError(f"{join(uri, manifest.model.name)} is missing")
+    tasks = {
+        name: BaseTask(type=info.type, params=dict(info.params), decoder=info.decoder)
+        for name, info in manifest.tasks.items()
+    }
+    return BaseSummary(
+        uri=uri,
+        sha256=manifest.digest,
+        federation=manifest.federation,
+        encoder=manifest.encoder,
+        sharing=manifest.sharing,
+        tasks=tasks,
+    )
+
+
+def _read_manifest(storage: CountingStorage, site: str, prefix: str) -> ContributionManifest:
+    try:
+        return ContributionManifest.from_json(storage.read(join(prefix, MANIFEST_FILE)))
+    except NotFound:
+        raise ContributionRejected(
+            site, RejectReason.UNREADABLE, f"no contribution manifest at {join(prefix, MANIFEST_FILE)}"
+        ) from None
+    except ManifestError as exc:
+        raise ContributionRejected(site, RejectReason.UNREADABLE, f"invalid manifest: {exc}") from None
+
+
+def _read_files(
+    storage: CountingStorage, site: str, prefix: str, manifest: ContributionManifest
+) -> tuple[bytes, bytes]:
+    try:
+        return (
+            storage.read(join(prefix, manifest.delta.name or DELTA_FILE)),
+            storage.read(join(prefix, manifest.decoder.name or DECODER_FILE)),
+        )
+    except NotFound as exc:
+        raise ContributionRejected(site, RejectReason.UNREADABLE, str(exc)) from None
+
+
+def verify_site(
+    storage: CountingStorage, base: BaseModel, round_number: int, site: str, prefix: str
+) -> SiteVerified | SiteRejected:
+    """Every check the aggregation will make, done as soon as the site's Job succeeds."""
+    try:
+        manifest = _read_manifest(storage, site, prefix)
+        if manifest.site != site:
+            raise ContributionRejected(site, RejectReason.UNREADABLE, f"manifest names site {manifest.site!r}")
+        delta, decoder = _read_files(storage, site, prefix, manifest)
+        RoundAggregator(base.manifest, base.tensors, round_number).validate(manifest, delta, decoder)
+    except ContributionRejected as exc:
+        return SiteRejected(site=site, reason=exc.reason.value, detail=exc.detail)
+    return SiteVerified(
+        site=site, samples=manifest.samples, delta_sha256=manifest.delta.sha256, metrics=dict(manifest.metrics)
+    )
+
+
+def aggregate_round(storage: CountingStorage, base: BaseModel, action: Aggregate) -> Aggregated | AggregationImpossible:
+    """Stream the accepted sites (sorted) through the aggregator and write model, then manifest."""
+    started = time.monotonic()
+    read_before = storage.read_bytes
+
+    def source(site: str) -> ContributionSource:
+        prefix = action.site_prefixes[site]
+        return ContributionSource(
+            site=site,
+            read_manifest=lambda: _read_manifest(storage, site, prefix),
+            read_files=lambda m: _read_files(storage, site, prefix, m),
+        )
+
+    try:
+        result = aggregate(
+            base.manifest, base.tensors, action.round_number, [source(s) for s in action.sites], action.settings
+        )
+    except ValueError as exc:  # nothing accepted
+        return AggregationImpossible(reason="NoValidContribution", message=str(exc))
+    rejected = tuple((r.site, r.reason, r.detail) for r in result.manifest.rejected)
+    contributors = tuple(c.site for c in result.manifest.contributors)
+    if len(contributors) < action.min_sites:
+        return AggregationImpossible(
+            reason="QuorumNotMet",
+            rejected=rejected,
+            message=f"only {len(contributors)} contributions passed validation at aggregation time, "
+            f"quorum (spec.aggregation.minSites) is {action.min_sites}",
+        )
+    storage.write(join(action.output, MODEL_FILE), result.model_bytes)
+    storage.write(join(action.output, MANIFEST_FILE), result.manifest.to_json().encode())
+    tasks = {
+        name: {
+            "sites": len(info.sites),
+            "samples": info.samples,
+            "metrics": {k: round(float(v), 6) for k, v in sorted(info.metrics.items())[:16]},
+        }
+        for name, info in result.manifest.tasks.items()
+        if info.sites
+    }
+    return Aggregated(
+        uri=action.output,
+        sha256=result.manifest.digest,
+        size=len(result.model_bytes),
+        tasks=tasks,
+        contributors=contributors,
+        rejected=rejected,
+        seconds=time.monotonic() - started,
+        bytes_read=storage.read_bytes - read_before,
+    )

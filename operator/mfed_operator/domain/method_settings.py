@@ -1,0 +1,134 @@
+"""From a FederationRound's spec to trainer and aggregation settings, via mfed.methods.
+
+Method semantics live in mfed.methods (shared with the pilot); this module only maps the
+resource's fields onto them. `aggregation_settings` is the ONE place that builds
+AggregationSettings from a round, so new aggregation fields are added here only.
+"""
+
+from __future__ import annotations
+
+from mfed.aggregation.crosstask import Level2Weighting
+from mfed.aggregation.fedavg import AggregationSettings
+from mfed.artifacts.layout import join, round_prefix, site_prefix
+from mfed.methods import MethodPlan, plan_method
+from mfed.spec import (
+    ArchSpec,
+    DataSource,
+    DataSpec,
+    InitSpec,
+    Regularizer,
+    RoundSpec,
+    TaskGroupSpec,
+    TaskSpec,
+    TrainingSpec,
+)
+from mfed_operator.domain.views import DataKind, RoundView, SiteTaskView
+
+PVC_MOUNT = "/var/run/mfed/data"
+DEFAULTS = TrainingSpec()
+
+
+def method_plan(r: RoundView) -> MethodPlan:
+    t = r.training
+    return plan_method(
+        t.method,
+        sharing=r.sharing,
+        mu=DEFAULTS.mu if t.mu is None else t.mu,
+        regularizer=Regularizer(t.regularizer) if t.regularizer else DEFAULTS.regularizer,
+        level2_weighting=Level2Weighting(r.weighting) if r.weighting else Level2Weighting.UNIFORM,
+    )
+
+
+def aggregation_settings(r: RoundView) -> AggregationSettings:
+    return AggregationSettings(level2_weighting=method_plan(r).level2_weighting)
+
+
+def training_spec(r: RoundView) -> TrainingSpec:
+    t, plan = r.training, method_plan(r)
+    return TrainingSpec(
+        epochs=t.epochs or DEFAULTS.epochs,
+        batch_size=t.batch_size or DEFAULTS.batch_size,
+        learning_rate=DEFAULTS.learning_rate if t.learning_rate is None else t.learning_rate,
+        mu=plan.mu,
+        regularizer=plan.regularizer,
+        decoder_source=plan.decoder_source,
+        seed=DEFAULTS.seed if t.seed is None else t.seed,
+        device=t.device or DEFAULTS.device,
+        delta_dtype=t.delta_dtype or DEFAULTS.delta_dtype,
+        val_fraction=DEFAULTS.val_fraction if t.val_fraction is None else t.val_fraction,
+        max_steps=t.max_steps,
+    )
+
+
+def round_root(r: RoundView) -> str:
+    return round_prefix(r.storage.root, r.federation, r.name)
+
+
+def init_output(r: RoundView) -> str:
+    return join(round_root(r), "init")
+
+
+def global_output(r: RoundView) -> str:
+    return join(round_root(r), "global")
+
+
+def site_output(r: RoundView, site: str) -> str:
+    return site_prefix(round_root(r), site)
+
+
+def data_spec(site: SiteTaskView) -> DataSpec:
+    d = site.data
+    if d.kind is DataKind.DEMO:
+        default = DataSpec()
+        return DataSpec(
+            source=DataSource.FASHION_MNIST,
+            shard_index=d.shard_index,
+            shard_count=d.shard_count,
+            samples=d.samples,
+            shard_seed=default.shard_seed if d.shard_seed is None else d.shard_seed,
+            test_samples=default.test_samples if d.test_samples is None else d.test_samples,
+        )
+    if d.kind is DataKind.S3:
+        return DataSpec(source=DataSource.NPZ, uri=d.uri, test_uri=d.test_uri)
+    return DataSpec(
+        source=DataSource.NPZ,
+        uri=f"{PVC_MOUNT}/{d.path}",
+        test_uri=f"{PVC_MOUNT}/{d.test_path}" if d.test_path else None,
+    )
+
+
+def task_spec(site: SiteTaskView) -> TaskSpec:
+    return TaskSpec(name=site.task_name, type=site.task_type, params=dict(site.task_params))
+
+
+def init_spec(r: RoundView, sites: list[SiteTaskView] | tuple[SiteTaskView, ...]) -> InitSpec:
+    """One task group per task name (sites of a task agree: validated before this is called)."""
+    groups: dict[str, TaskGroupSpec] = {}
+    for site in sorted(sites, key=lambda s: s.name):
+        groups.setdefault(site.task_name, TaskGroupSpec(task=task_spec(site), decoder=site.decoder))
+    return InitSpec(
+        federation=r.federation,
+        encoder=r.encoder,
+        groups=tuple(groups[name] for name in sorted(groups)),
+        sharing=method_plan(r).sharing,
+        seed=r.initial.seed,
+        output=init_output(r),
+    )
+
+
+def round_spec(
+    r: RoundView, site: SiteTaskView, round_number: int, base_uri: str, previous_decoder: str | None
+) -> RoundSpec:
+    return RoundSpec(
+        federation=r.federation,
+        round=round_number,
+        site=site.name,
+        task=task_spec(site),
+        encoder=r.encoder,
+        decoder=ArchSpec(name=site.decoder.name, params=dict(site.decoder.params)),
+        training=training_spec(r),
+        data=data_spec(site),
+        global_model=base_uri,
+        previous_decoder=previous_decoder,
+        output=site_output(r, site.name),
+    )

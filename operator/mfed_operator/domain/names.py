@@ -1,0 +1,69 @@
+"""The API's identifiers, label keys, and deterministic DNS-safe names for child objects."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+GROUP = "mfed.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+SITETASKS = "sitetasks"
+FEDERATIONROUNDS = "federationrounds"
+SITETASK_KIND = "SiteTask"
+ROUND_KIND = "FederationRound"
+
+MANAGED_BY = "mfed-operator"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+LABEL_FEDERATION = f"{GROUP}/federation"
+LABEL_ROUND = f"{GROUP}/round"
+LABEL_ROUND_NUMBER = f"{GROUP}/round-number"
+LABEL_SITE = f"{GROUP}/site"
+LABEL_TASK = f"{GROUP}/task"
+LABEL_CHAIN = f"{GROUP}/chain"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+COMPONENT_INIT = "init-model"
+COMPONENT_SITE = "site-training"
+
+_INVALID = re.compile(r"[^a-z0-9-]+")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+MAX_DNS_LABEL = 63
+
+
+def dns_name(*parts: str, max_length: int = MAX_DNS_LABEL) -> str:
+    """Join parts into a DNS-1123 label; deterministic, with a hash suffix when it had to change.
+
+    Names that are already valid and short enough come out unchanged (readable); any name that
+    needed sanitising or truncating ends in `-<8 hex of sha256(original)>`, so two different
+    inputs never collapse onto the same name.
+    """
+    original = "-".join(parts)
+    cleaned = _INVALID.sub("-", original.lower()).strip("-")
+    if cleaned == original and len(cleaned) <= max_length and cleaned:
+        return cleaned
+    digest = hashlib.sha256(original.encode()).hexdigest()[:8]
+    head = cleaned[: max_length - len(digest) - 1].rstrip("-")
+    return f"{head}-{digest}" if head else digest
+
+
+def label_value(value: str) -> str:
+    """A value usable as a label value (<= 63 chars, alphanumeric ends); hashed when not."""
+    if len(value) <= MAX_DNS_LABEL and _LABEL_VALUE.match(value):
+        return value
+    return dns_name(value)
+
+
+def site_job_name(round_name: str, site: str) -> str:
+    return dns_name(round_name, site)
+
+
+def init_job_name(round_name: str) -> str:
+    return dns_name(round_name, "init")
+
+
+def next_round_name(chain_root: str, round_number: int) -> str:
+    return dns_name(chain_root, f"r{round_number}", max_length=253)

@@ -1,0 +1,238 @@
+"""What the CRD schema cannot check: cross-object consistency of a round and its sites.
+
+Each problem carries a reason (CamelCase, for conditions and events) and a message that says
+what to fix. `waitable` problems can resolve themselves (a SiteTask or Secret applied a moment
+after the round), so the round waits for them up to the operator's grace period; `blocking`
+ones (a previous round still running) are waited for without limit; the rest fail at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from mfed.spec import ArchSpec, SharingPolicy
+from mfed_operator.domain.method_settings import method_plan
+from mfed_operator.domain.observations import PreviousRound, SecretCheck
+from mfed_operator.domain.phases import Phase
+from mfed_operator.domain.views import InitialKind, RoundView, SiteTaskView
+
+
+class Severity(StrEnum):
+    HARD = "hard"
+    WAITABLE = "waitable"
+    BLOCKING = "blocking"
+
+
+@dataclass(frozen=True)
+class Problem:
+    reason: str
+    message: str
+    severity: Severity = Severity.HARD
+
+
+def _arch_text(arch: ArchSpec) -> str:
+    return f"{arch.name} {dict(arch.params)}"
+
+
+def validate_selection(
+    r: RoundView,
+    sites: Sequence[SiteTaskView],
+    invalid_sites: Sequence[tuple[str, str]],
+    secret: SecretCheck | None,
+    previous: PreviousRound | None,
+    max_sites: int,
+) -> list[Problem]:
+    problems: list[Problem] = []
+    w = Severity.WAITABLE
+    for name, error in invalid_sites:
+        problems.append(
+            Problem(
+                "SiteTaskInvalid",
+                f"selected SiteTask {name} is invalid ({error}); fix it "
+                "or change its labels so spec.siteSelector no longer selects it",
+                w,
+            )
+        )
+    if not sites:
+        problems.append(
+            Problem(
+                "NoSitesSelected",
+                f"no SiteTask of federation {r.federation} in namespace "
+                f"{r.namespace} matches spec.siteSelector; create SiteTasks or fix the selector",
+                w,
+            )
+        )
+    if len(sites) > max_sites:
+        problems.append(
+            Problem(
+                "TooManySites",
+                f"{len(sites)} sites selected, at most {max_sites} per round; "
+                "split the federation or narrow spec.siteSelector",
+            )
+        )
+    if r.min_sites is not None and sites and r.min_sites > len(sites):
+        problems.append(
+            Problem(
+                "NotEnoughSites",
+                f"spec.aggregation.minSites is {r.min_sites} but only "
+                f"{len(sites)} sites are selected; lower minSites or add SiteTasks",
+                w,
+            )
+        )
+    if secret is not None and not secret.exists:
+        problems.append(
+            Problem(
+                "SecretNotFound",
+                f"Secret {secret.name} (spec.storage.credentialsSecret) does "
+                f"not exist in namespace {r.namespace}; create it with the S3 access key pair",
+                w,
+            )
+        )
+    elif secret is not None and secret.missing_keys:
+        problems.append(
+            Problem(
+                "SecretKeyMissing",
+                f"Secret {secret.name} lacks key(s) "
+                f"{', '.join(secret.missing_keys)}; add them or set "
+                "spec.storage.credentialsSecret.accessKeyIdKey/secretAccessKeyKey",
+                w,
+            )
+        )
+    by_task: dict[str, SiteTaskView] = {}
+    for site in sorted(sites, key=lambda s: s.name):
+        if site.encoder is not None and site.encoder != r.encoder:
+            problems.append(
+                Problem(
+                    "EncoderMismatch",
+                    f"SiteTask {site.name} pins encoder "
+                    f"{_arch_text(site.encoder)} but the round uses {_arch_text(r.encoder)}; "
+                    "make them equal or remove spec.encoder from the SiteTask",
+                    w,
+                )
+            )
+        first = by_task.setdefault(site.task_name, site)
+        if first is site:
+            continue
+        if (first.task_type, dict(first.task_params)) != (site.task_type, dict(site.task_params)):
+            problems.append(
+                Problem(
+                    "TaskMismatch",
+                    f"sites {first.name} and {site.name} both train task "
+                    f"{site.task_name} but with different type/params ({first.task_type} "
+                    f"{dict(first.task_params)} vs {site.task_type} {dict(site.task_params)}); "
+                    "make spec.task equal at every site of a task",
+                    w,
+                )
+            )
+        if first.decoder != site.decoder:
+            problems.append(
+                Problem(
+                    "DecoderMismatch",
+                    f"sites {first.name} ({_arch_text(first.decoder)}) and "
+                    f"{site.name} ({_arch_text(site.decoder)}) of task {site.task_name} disagree "
+                    "on the decoder; use the same spec.decoder for every site of a task",
+                    w,
+                )
+            )
+    if r.initial.kind is InitialKind.FROM_ROUND:
+        if previous is None:
+            problems.append(
+                Problem(
+                    "PreviousRoundNotFound",
+                    f"spec.initialModel.fromRound names "
+                    f"{r.initial.from_round}, which does not exist in namespace {r.namespace}",
+                    w,
+                )
+            )
+        elif previous.phase is Phase.FAILED:
+            problems.append(
+                Problem(
+                    "PreviousRoundFailed",
+                    f"the previous round {previous.name} failed; start from another round or from a seed",
+                )
+            )
+        elif previous.phase is not Phase.SUCCEEDED or not previous.global_uri:
+            problems.append(
+                Problem(
+                    "WaitingForPreviousRound",
+                    f"the previous round {previous.name} is {previous.phase.value}; this round starts when it succeeds",
+                    Severity.BLOCKING,
+                )
+            )
+    return problems
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaseTask:
+    type: str
+    params: Mapping[str, Any]
+    decoder: ArchSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaseSummary:
+    """What the operator needs from a global model's manifest to check a round against it."""
+
+    uri: str
+    sha256: str
+    federation: str
+    encoder: ArchSpec
+    sharing: SharingPolicy
+    tasks: Mapping[str, BaseTask]
+
+
+def check_base(base: BaseSummary, r: RoundView, sites: Sequence[SiteTaskView]) -> list[Problem]:
+    """The starting model must fit the round: same federation, encoder, sharing, and tasks."""
+    problems: list[Problem] = []
+    if base.federation != r.federation:
+        problems.append(
+            Problem(
+                "WrongFederation",
+                f"the initial model at {base.uri} belongs to federation "
+                f"{base.federation}, not {r.federation}; point spec.initialModel elsewhere",
+            )
+        )
+    if base.encoder != r.encoder:
+        problems.append(
+            Problem(
+                "EncoderMismatch",
+                f"the initial model was trained with encoder "
+                f"{_arch_text(base.encoder)} but spec.encoder is {_arch_text(r.encoder)}; "
+                "make them equal or start fresh with spec.initialModel.seed",
+            )
+        )
+    sharing = method_plan(r).sharing
+    if base.sharing != sharing:
+        problems.append(
+            Problem(
+                "SharingMismatch",
+                f"the initial model shares encoder parameters as "
+                f"{base.sharing.to_dict()} but this round's method needs {sharing.to_dict()}; "
+                "use the same method and spec.encoder.sharing as the rounds before",
+            )
+        )
+    for site in sorted(sites, key=lambda s: s.name):
+        task = base.tasks.get(site.task_name)
+        if task is None:
+            problems.append(
+                Problem(
+                    "TaskNotInModel",
+                    f"site {site.name} trains task {site.task_name}, which "
+                    f"the initial model does not have (tasks: {', '.join(sorted(base.tasks))}); "
+                    "new tasks can only join a federation that starts from a seed",
+                )
+            )
+        elif task.decoder != site.decoder or task.type != site.task_type or dict(task.params) != dict(site.task_params):
+            problems.append(
+                Problem(
+                    "DecoderMismatch",
+                    f"site {site.name} declares task {site.task_name} as "
+                    f"{site.task_type} with decoder {_arch_text(site.decoder)}, but the model "
+                    f"has {task.type} with decoder {_arch_text(task.decoder)}; make the "
+                    "SiteTask match the federation",
+                )
+            )
+    return problems

@@ -1,0 +1,372 @@
+"""A Kubernetes API for tests: kmock's emulator, made closer to a real API server, on loopback.
+
+kmock stores and serves objects, but assigns no uid/resourceVersion/generation, has no status
+subresource isolation and turns a failed JSON-patch `test` into a 500. `Emulator` adds those,
+because the operator relies on them (kopf's optimistic concurrency, observedGeneration). It
+still does no schema validation, label selection or garbage collection, like INFRA.md says.
+The server runs in its own thread and event loop; tests talk to it over HTTP (`KubeClient`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import datetime
+import gzip
+import importlib.resources
+import json
+import secrets
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Coroutine, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import kmock
+import yaml
+from kmock._internal import dicts as kmock_dicts  # the emulator's own merge/JSON-patch semantics
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[2]
+CRD_DIR = REPO / "crds"
+
+PLURALS = {
+    "Secret": "secrets",
+    "ConfigMap": "configmaps",
+    "Job": "jobs",
+    "Event": "events",
+    "Namespace": "namespaces",
+    "SiteTask": "sitetasks",
+    "FederationRound": "federationrounds",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
+}
+CLUSTER_SCOPED = {"namespaces"}
+
+
+def _now() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@attrs.define(kw_only=True)
+class Emulator(kmock.KubernetesEmulator):
+    """uid, resourceVersion, generation, creationTimestamp, status isolation, 422 on stale patches."""
+
+    _rv: int = attrs.field(default=100, init=False)
+    status_resources: set[str] = attrs.field(factory=set)
+
+    async def _handle(self, request: kmock.Request) -> Any:
+        if request.resource is not None and request.action in (kmock.action.CREATE, kmock.action.UPDATE):
+            self._prepare(request)
+        return await super()._handle(request)
+
+    def _has_status(self, request: kmock.Request) -> bool:
+        return request.resource is not None and request.resource.plural in self.status_resources
+
+    def _next_rv(self) -> str:
+        self._rv += 1
+        return str(self._rv)
+
+    def _prepare(self, request: kmock.Request) -> None:
+        data = request.data
+        if request.action == kmock.action.CREATE and isinstance(data, dict):
+            meta = data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = meta["generateName"] + secrets.token_hex(3)[:5]
+            if request.namespace and not meta.get("namespace"):
+                meta["namespace"] = request.namespace
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta["resourceVersion"] = self._next_rv()
+            meta["generation"] = 1
+            meta["creationTimestamp"] = _now()
+            if self._has_status(request):
+                data.pop("status", None)  # ignored on create, as with a status subresource
+            if request.resource.plural == "secrets" and "stringData" in data:
+                encoded = {k: base64.b64encode(str(v).encode()).decode() for k, v in data.pop("stringData").items()}
+                data["data"] = {**(data.get("data") or {}), **encoded}
+            return
+        key = (request.resource, request.namespace, request.name)
+        if key not in self._objects or self._objects[key].deleted:
+            return  # kmock answers 404
+        current = self._objects[key].raw
+        status_only = request.subresource == "status"
+        if isinstance(data, dict):
+            if self._has_status(request):
+                if status_only:
+                    for name in [k for k in data if k != "status"]:
+                        del data[name]
+                else:
+                    data.pop("status", None)
+            after = kmock_dicts.patch_dict(copy.deepcopy(current), data)
+            meta = data.setdefault("metadata", {})
+        elif isinstance(data, list):
+            for op in data:
+                if (
+                    op.get("op") == "test"
+                    and op.get("path") == "/metadata/resourceVersion"
+                    and op.get("value") != current.get("metadata", {}).get("resourceVersion")
+                ):
+                    raise kmock.KubernetesError(
+                        status=422, reason="Invalid", message="the object has been modified (resourceVersion)"
+                    )
+            if self._has_status(request):
+                keep = [
+                    op
+                    for op in data
+                    if op.get("op") == "test" or (op.get("path", "").startswith("/status") == status_only)
+                ]
+                data[:] = keep
+            after = kmock_dicts.patch_dict(copy.deepcopy(current), [o for o in data if o.get("op") != "test"])
+            meta = None
+        else:
+            return
+        generation = int(current.get("metadata", {}).get("generation") or 1)
+        if not status_only and after.get("spec") != current.get("spec"):
+            generation += 1
+        rv = self._next_rv()
+        if meta is not None:
+            meta["resourceVersion"] = rv
+            meta["generation"] = generation
+        else:
+            data.append({"op": "add", "path": "/metadata/resourceVersion", "value": rv})
+            data.append({"op": "add", "path": "/metadata/generation", "value": generation})
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    method: str
+    path: str
+    action: str | None
+    plural: str | None
+    namespace: str | None
+    name: str | None
+    subresource: str | None
+    data: Any
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread; `run` submits a coroutine and waits (bounded)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="kubeapi-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+class KubeAPI:
+    """The emulator served on 127.0.0.1 (free port), with the CRDs and built-in kinds declared."""
+
+    def __init__(self) -> None:
+        self._loop = LoopThread()
+        self.emulator: Emulator | None = None
+        self._server: kmock.Server | None = None
+        self.url = ""
+
+    def start(self) -> KubeAPI:
+        async def start() -> str:
+            emulator = Emulator()
+            # kmock's own load_bundled() uses a deprecated importlib API (warnings are errors here).
+            bundled = importlib.resources.files("kmock._internal").joinpath("resources.json.gz").read_bytes()
+            emulator.resources.load_data(gzip.decompress(bundled))
+            for path in sorted(CRD_DIR.glob("*.yaml")):
+                crd = yaml.safe_load(path.read_text())
+                names = crd["spec"]["names"]
+                for version in crd["spec"]["versions"]:
+                    key = f"{crd['spec']['group']}/{version['name']}/{names['plural']}"
+                    subresources = set((version.get("subresources") or {}).keys())
+                    emulator.resources[key] = kmock.ResourceInfo(
+                        kind=names["kind"],
+                        singular=names["singular"],
+                        namespaced=crd["spec"]["scope"] == "Namespaced",
+                        verbs={"get", "list", "watch", "create", "patch", "delete", "update"},
+                        shortnames=set(names.get("shortNames", [])),
+                        subresources=subresources,
+                    )
+                    if "status" in subresources:
+                        emulator.status_resources.add(names["plural"])
+            emulator.status_resources.add("jobs")
+            await emulator.__aenter__()
+            server = kmock.Server(emulator)
+            await server.__aenter__()
+            self.emulator, self._server = emulator, server
+            return str(server.url).rstrip("/")
+
+        self.url = self._loop.run(start())
+        return self
+
+    def stop(self) -> None:
+        async def stop() -> None:
+            if self._server is not None:
+                await self._server.__aexit__(None, None, None)
+            if self.emulator is not None:
+                await self.emulator.__aexit__(None, None, None)
+
+        try:
+            self._loop.run(stop(), timeout=15)
+        finally:
+            self._loop.stop()
+
+    def write_kubeconfig(self, path: Path) -> Path:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "kmock",
+            "clusters": [{"name": "kmock", "cluster": {"server": self.url}}],
+            "users": [{"name": "test", "user": {"token": "test-token"}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test"}}],
+        }
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def requests(self) -> list[LoggedRequest]:
+        """The request log (every API call anyone made), oldest first."""
+
+        async def snapshot() -> list[LoggedRequest]:
+            assert self.emulator is not None
+            out = []
+            for r in list(self.emulator.requests):
+                out.append(
+                    LoggedRequest(
+                        method=str(r.method.value if r.method else ""),
+                        path=str(r.url.path),
+                        action=r.action.value if r.action else None,
+                        plural=r.resource.plural if r.resource else None,
+                        namespace=r.namespace,
+                        name=r.name,
+                        subresource=r.subresource,
+                        data=copy.deepcopy(r.data),
+                    )
+                )
+            return out
+
+        return self._loop.run(snapshot())
+
+    def client(self) -> KubeClient:
+        return KubeClient(self.url)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
+        self.body = body
+
+
+class KubeClient:
+    """A tiny JSON client over urllib, with timeouts; enough for tests and the test kubelet."""
+
+    def __init__(self, base_url: str, timeout: float = 10) -> None:
+        self.base_url = base_url
+        self.timeout = timeout
+
+    @staticmethod
+    def path(
+        api_version: str,
+        plural: str,
+        namespace: str | None = None,
+        name: str | None = None,
+        subresource: str | None = None,
+    ) -> str:
+        base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        parts = [base]
+        if namespace and plural not in CLUSTER_SCOPED:
+            parts.append(f"namespaces/{namespace}")
+        parts.append(plural)
+        if name:
+            parts.append(name)
+        if subresource:
+            parts.append(subresource)
+        return "/".join(parts)
+
+    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            self.base_url + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": content_type, "Authorization": "Bearer test"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as response:
+                text = response.read()
+        except urllib.error.HTTPError as exc:
+            payload = exc.read()
+            try:
+                parsed = json.loads(payload)
+            except ValueError:
+                parsed = payload.decode(errors="replace")
+            raise ApiError(exc.code, parsed) from None
+        return json.loads(text) if text else None
+
+    def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        plural = PLURALS[obj["kind"]]
+        ns = obj.get("metadata", {}).get("namespace")
+        return dict(self.request("POST", self.path(obj["apiVersion"], plural, ns), dict(obj)))
+
+    def get(self, api_version: str, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(self.request("GET", self.path(api_version, plural, namespace, name)))
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list(self, api_version: str, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        body = self.request("GET", self.path(api_version, plural, namespace))
+        items = list((body or {}).get("items") or [])
+        return [i for i in items if namespace is None or i.get("metadata", {}).get("namespace") == namespace]
+
+    def patch(
+        self,
+        api_version: str,
+        plural: str,
+        namespace: str | None,
+        name: str,
+        patch: Any,
+        subresource: str | None = None,
+    ) -> dict[str, Any]:
+        return dict(
+            self.request(
+                "PATCH",
+                self.path(api_version, plural, namespace, name, subresource),
+                patch,
+                content_type="application/merge-patch+json",
+            )
+        )
+
+    def delete(self, api_version: str, plural: str, namespace: str | None, name: str) -> None:
+        try:
+            self.request("DELETE", self.path(api_version, plural, namespace, name), {"propagationPolicy": "Background"})
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+
+    def secret_value(self, namespace: str, name: str, key: str) -> str:
+        secret = self.get("v1", "secrets", namespace, name)
+        if secret is None:
+            raise KeyError(f"Secret {namespace}/{name} not found")
+        if key in (secret.get("stringData") or {}):
+            return str(secret["stringData"][key])
+        return base64.b64decode(secret["data"][key]).decode()
+
+
+@contextmanager
+def running_kubeapi() -> Iterator[KubeAPI]:
+    api = KubeAPI().start()
+    try:
+        yield api
+    finally:
+        api.stop()

@@ -1,0 +1,170 @@
+"""End-to-end fixtures: a real S3 server per module; per test an emulated API, a test kubelet
+running the real `mfed-trainer`, and the real `mfed-operator` process. Always torn down."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.oracle import Contribution, assert_models_equal, expected_global, tensors
+from tests.support import manifests as m
+from tests.support.kubeapi import KubeAPI, KubeClient
+from tests.support.kubelet import Kubelet
+from tests.support.operator import OperatorProcess, operator_env
+from tests.support.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
+from tests.support.waiting import wait_for
+
+BUCKET = "mfed"
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweed"))
+    try:
+        server.start()
+        server.create_bucket(BUCKET)
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Cluster:
+    api: KubeAPI
+    client: KubeClient
+    kubelet: Kubelet
+    operator: OperatorProcess
+    s3: SeaweedFS
+    namespace: str
+    env: dict[str, str]
+
+    def apply(self, *objects: dict[str, Any]) -> None:
+        for obj in objects:
+            self.client.create(obj)
+
+    def secret(self) -> None:
+        self.apply(m.secret(self.namespace, "s3-credentials", ACCESS_KEY, SECRET_KEY))
+
+    def round(self, name: str) -> dict[str, Any]:
+        body = self.client.get("mfed.dev/v1alpha1", "federationrounds", self.namespace, name)
+        return dict(body or {})
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self.round(name).get("status") or {})
+
+    def wait_phase(self, name: str, *phases: str, timeout: float = 120) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            status = self.status(name)
+            return status if status.get("phase") in phases else None
+
+        return wait_for(
+            check,
+            timeout=timeout,
+            interval=0.1,
+            what=f"round {name} to reach {phases}",
+            describe=lambda: (
+                json.dumps(self.status(name))[:3000]
+                + "\n--- operator log tail:\n"
+                + self.operator.output()[-4000:]
+                + "\n--- kubelet errors: "
+                + str(self.kubelet.errors)
+            ),
+        )
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return self.client.list("batch/v1", "jobs", self.namespace)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        events = self.client.list("v1", "events", self.namespace)
+        return [e for e in events if (e.get("involvedObject") or {}).get("name") == name]
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.env['MFED_OPERATOR_METRICS_PORT']}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
+
+    def s3_object(self, uri: str) -> bytes:
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        return bytes(self.s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+
+    def s3_put(self, uri: str, data: bytes) -> None:
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        self.s3.client().put_object(Bucket=bucket, Key=key, Body=data)
+
+    def s3_exists(self, uri: str) -> bool:
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        listing = self.s3.client().list_objects_v2(Bucket=bucket, Prefix=key)
+        return any(o["Key"] == key for o in listing.get("Contents") or [])
+
+
+@pytest.fixture
+def make_cluster(seaweed: SeaweedFS, tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    """Start the world for one test; operator settings can be overridden (MFED_OPERATOR_*=...)."""
+    started: list[tuple[KubeAPI, Kubelet | None, OperatorProcess | None]] = []
+
+    def make(**overrides: str) -> Cluster:
+        namespace = "mfed-demo"
+        api = KubeAPI().start()
+        started.append((api, None, None))
+        kubelet = Kubelet(api.client(), tmp_path / "kubelet", extra_env={"OMP_NUM_THREADS": "1"}).start()
+        started[-1] = (api, kubelet, None)
+        env = operator_env(api, tmp_path, MFED_OPERATOR_WATCH_NAMESPACES=namespace, **overrides)
+        operator = OperatorProcess(env=env, log_path=tmp_path / "operator").start()
+        started[-1] = (api, kubelet, operator)
+        return Cluster(
+            api=api, client=api.client(), kubelet=kubelet, operator=operator, s3=seaweed, namespace=namespace, env=env
+        )
+
+    try:
+        yield make
+    finally:
+        for api, kubelet, operator in started:
+            if operator is not None:
+                operator.stop()
+            if kubelet is not None:
+                kubelet.stop()
+            api.stop()
+        if seaweed.process is None:  # a test took S3 down and failed before bringing it back
+            seaweed.start()
+
+
+@pytest.fixture
+def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
+    return make_cluster()
+
+
+def contributions_from_s3(cluster: Cluster, status: Mapping[str, Any]) -> list[Contribution]:
+    """What the accepted sites uploaded, read straight from S3 (not through the operator)."""
+    out = []
+    model_prefix = status["globalModel"]["uri"].rsplit("/", 1)[0]
+    for site in status["sites"]:
+        if site["phase"] != "Accepted":
+            continue
+        prefix = f"{model_prefix}/sites/{site['site']}"
+        manifest = json.loads(cluster.s3_object(f"{prefix}/manifest.json"))
+        out.append(
+            Contribution(
+                task=manifest["task"],
+                samples=int(manifest["samples"]),
+                delta=tensors(cluster.s3_object(f"{prefix}/delta.safetensors")),
+                decoder=tensors(cluster.s3_object(f"{prefix}/decoder.safetensors")),
+            )
+        )
+    return out
+
+
+def check_global_model(cluster: Cluster, status: Mapping[str, Any], weighting: str = "uniform") -> bytes:
+    """The global model in S3 equals the numpy recomputation from the base and the uploads."""
+    base = tensors(cluster.s3_object(status["baseModel"]["uri"] + "/model.safetensors"))
+    model_bytes = cluster.s3_object(status["globalModel"]["uri"] + "/model.safetensors")
+    assert hashlib.sha256(model_bytes).hexdigest() == status["globalModel"]["sha256"]
+    expected = expected_global(base, contributions_from_s3(cluster, status), weighting)
+    assert_models_equal(tensors(model_bytes), expected)
+    return model_bytes

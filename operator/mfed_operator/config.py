@@ -65,31 +65,31 @@ class OperatorConfig:
         r = _Reader(env)
         config = cls(
             watch_namespaces=r.csv("WATCH_NAMESPACES"),
-            trainer_image=r.str("TRAINER_IMAGE", cls.trainer_image),
+            trainer_image=r.text("TRAINER_IMAGE", cls.trainer_image),
             image_pull_policy=r.choice("IMAGE_PULL_POLICY", cls.image_pull_policy, ("Always", "IfNotPresent", "Never")),
-            metrics_port=r.int("METRICS_PORT", cls.metrics_port, 0, 65535),
-            health_port=r.int("HEALTH_PORT", cls.health_port, 1, 65535),
-            health_path=r.str("HEALTH_PATH", cls.health_path),
-            health_host=r.str("HEALTH_HOST", cls.health_host),
-            default_s3_endpoint=r.opt_str("DEFAULT_S3_ENDPOINT"),
-            default_s3_secret=r.opt_str("DEFAULT_S3_SECRET"),
-            default_s3_region=r.str("DEFAULT_S3_REGION", cls.default_s3_region),
-            resync_seconds=r.float("RESYNC_SECONDS", cls.resync_seconds, 0.1),
-            validation_grace_seconds=r.float("VALIDATION_GRACE_SECONDS", cls.validation_grace_seconds, 0),
-            default_deadline_seconds=r.int("DEFAULT_DEADLINE_SECONDS", cls.default_deadline_seconds, 1),
-            job_backoff_limit=r.int("JOB_BACKOFF_LIMIT", cls.job_backoff_limit, 0, 100),
-            job_ttl_seconds_after_finished=r.opt_int("JOB_TTL_SECONDS_AFTER_FINISHED", 0),
-            s3_connect_timeout_seconds=r.float("S3_CONNECT_TIMEOUT_SECONDS", cls.s3_connect_timeout_seconds, 0.1),
-            s3_read_timeout_seconds=r.float("S3_READ_TIMEOUT_SECONDS", cls.s3_read_timeout_seconds, 0.1),
-            s3_max_attempts=r.int("S3_MAX_ATTEMPTS", cls.s3_max_attempts, 1, 20),
-            storage_retry_base_seconds=r.float("STORAGE_RETRY_BASE_SECONDS", cls.storage_retry_base_seconds, 0.1),
-            storage_retry_max_seconds=r.float("STORAGE_RETRY_MAX_SECONDS", cls.storage_retry_max_seconds, 0.1),
-            storage_retry_limit_seconds=r.float("STORAGE_RETRY_LIMIT_SECONDS", cls.storage_retry_limit_seconds, 1),
-            api_timeout_seconds=r.float("API_TIMEOUT_SECONDS", cls.api_timeout_seconds, 0.1),
-            api_retry_delay_seconds=r.float("API_RETRY_DELAY_SECONDS", cls.api_retry_delay_seconds, 0.1),
-            worker_threads=r.int("WORKER_THREADS", cls.worker_threads, 1, 64),
-            max_sites_per_round=r.int("MAX_SITES_PER_ROUND", cls.max_sites_per_round, 1, 256),
-            kubeconfig=r.opt_str("KUBECONFIG"),
+            metrics_port=r.integer("METRICS_PORT", cls.metrics_port, 0, 65535),
+            health_port=r.integer("HEALTH_PORT", cls.health_port, 1, 65535),
+            health_path=r.text("HEALTH_PATH", cls.health_path),
+            health_host=r.text("HEALTH_HOST", cls.health_host),
+            default_s3_endpoint=r.opt_text("DEFAULT_S3_ENDPOINT"),
+            default_s3_secret=r.opt_text("DEFAULT_S3_SECRET"),
+            default_s3_region=r.text("DEFAULT_S3_REGION", cls.default_s3_region),
+            resync_seconds=r.number("RESYNC_SECONDS", cls.resync_seconds, 0.1),
+            validation_grace_seconds=r.number("VALIDATION_GRACE_SECONDS", cls.validation_grace_seconds, 0),
+            default_deadline_seconds=r.integer("DEFAULT_DEADLINE_SECONDS", cls.default_deadline_seconds, 1),
+            job_backoff_limit=r.integer("JOB_BACKOFF_LIMIT", cls.job_backoff_limit, 0, 100),
+            job_ttl_seconds_after_finished=r.opt_integer("JOB_TTL_SECONDS_AFTER_FINISHED", 0),
+            s3_connect_timeout_seconds=r.number("S3_CONNECT_TIMEOUT_SECONDS", cls.s3_connect_timeout_seconds, 0.1),
+            s3_read_timeout_seconds=r.number("S3_READ_TIMEOUT_SECONDS", cls.s3_read_timeout_seconds, 0.1),
+            s3_max_attempts=r.integer("S3_MAX_ATTEMPTS", cls.s3_max_attempts, 1, 20),
+            storage_retry_base_seconds=r.number("STORAGE_RETRY_BASE_SECONDS", cls.storage_retry_base_seconds, 0.1),
+            storage_retry_max_seconds=r.number("STORAGE_RETRY_MAX_SECONDS", cls.storage_retry_max_seconds, 0.1),
+            storage_retry_limit_seconds=r.number("STORAGE_RETRY_LIMIT_SECONDS", cls.storage_retry_limit_seconds, 1),
+            api_timeout_seconds=r.number("API_TIMEOUT_SECONDS", cls.api_timeout_seconds, 0.1),
+            api_retry_delay_seconds=r.number("API_RETRY_DELAY_SECONDS", cls.api_retry_delay_seconds, 0.1),
+            worker_threads=r.integer("WORKER_THREADS", cls.worker_threads, 1, 64),
+            max_sites_per_round=r.integer("MAX_SITES_PER_ROUND", cls.max_sites_per_round, 1, 256),
+            kubeconfig=r.opt_text("KUBECONFIG"),
             log_format=r.choice("LOG_FORMAT", cls.log_format, ("plain", "json")),
             log_level=r.choice("LOG_LEVEL", cls.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
         )
@@ -114,10 +114,10 @@ class _Reader:
         value = self._env.get(PREFIX + name)
         return value.strip() if value is not None and value.strip() else None
 
-    def str(self, name: str, default: str) -> str:
+    def text(self, name: str, default: str) -> str:
         return self._raw(name) or default
 
-    def opt_str(self, name: str) -> str | None:
+    def opt_text(self, name: str) -> str | None:
         return self._raw(name)
 
     def csv(self, name: str) -> tuple[str, ...]:
@@ -125,16 +125,16 @@ class _Reader:
         return tuple(sorted({part.strip() for part in raw.split(",") if part.strip()}))
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.str(name, default)
+        value = self.text(name, default)
         if value not in choices:
             raise ConfigError(f"{PREFIX}{name}={value!r}: use one of {', '.join(choices)}")
         return value
 
-    def int(self, name: str, default: int, minimum: int, maximum: int | None = None) -> int:
-        value = self.opt_int(name, minimum, maximum)
+    def integer(self, name: str, default: int, minimum: int, maximum: int | None = None) -> int:
+        value = self.opt_integer(name, minimum, maximum)
         return default if value is None else value
 
-    def opt_int(self, name: str, minimum: int, maximum: int | None = None) -> int | None:
+    def opt_integer(self, name: str, minimum: int, maximum: int | None = None) -> int | None:
         raw = self._raw(name)
         if raw is None:
             return None
@@ -147,7 +147,7 @@ class _Reader:
             raise ConfigError(f"{PREFIX}{name}={value} must be {bound}")
         return value
 
-    def float(self, name: str, default: float, minimum: float) -> float:
+    def number(self, name: str, default: float, minimum: float) -> float:
         raw = self._raw(name)
         if raw is None:
             return default

@@ -8,7 +8,7 @@ Typed domain/adaptor errors are mapped to kopf errors here and only here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -88,7 +88,7 @@ def owner_stub(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def selected_sites(
-    r: RoundView, candidates: list[Mapping[str, Any]]
+    r: RoundView, candidates: Sequence[Mapping[str, Any]]
 ) -> tuple[tuple[SiteTaskView, ...], tuple[tuple[str, str], ...]]:
     """SiteTasks of the round's federation and namespace that match its selector (client-side)."""
     sites: list[SiteTaskView] = []
@@ -152,8 +152,9 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         from mfed_operator.adapters.login import connect
 
         runtime: Runtime = memo.runtime
-        api_client, info = connect(config.kubeconfig)
+        api_client, fields = connect(config.kubeconfig)
         runtime.kube = Kube(api_client, config.api_timeout_seconds)
+        info = kopf.ConnectionInfo(**fields)
         logger.info("logged in to %s", info.server)
         return info
 
@@ -165,28 +166,30 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     # -- indexes: the observed world, kept current by kopf's watches (rebuilt after a restart)
     @kopf.index(GROUP, VERSION, SITETASKS, registry=registry, id="sitetasks_by_federation")
     def sitetasks_by_federation(
-        namespace: str, spec: Mapping[str, Any], body: Mapping[str, Any], **_: Any
+        namespace: str | None, spec: kopf.Spec, body: kopf.Body, **_: Any
     ) -> dict[tuple[str, str], dict[str, Any]]:
-        return {(namespace, str(spec.get("federation", ""))): {"metadata": dict(body["metadata"]), "spec": dict(spec)}}
+        return {
+            (namespace or "", str(spec.get("federation", ""))): {"metadata": dict(body["metadata"]), "spec": dict(spec)}
+        }
 
     @kopf.index("batch", "v1", "jobs", registry=registry, id="jobs_by_round", labels={LABEL_MANAGED_BY: MANAGED_BY})
-    def jobs_by_round(namespace: str, body: Mapping[str, Any], **_: Any) -> dict[tuple[str, str], JobObservation]:
+    def jobs_by_round(namespace: str | None, body: kopf.Body, **_: Any) -> dict[tuple[str, str], JobObservation]:
         job = observe_job(body)
-        return {(namespace, job.round or ""): job}
+        return {(namespace or "", job.round or ""): job}
 
     @kopf.index(GROUP, VERSION, FEDERATIONROUNDS, registry=registry, id="rounds_by_name")
     def rounds_by_name(
-        namespace: str, name: str, spec: Mapping[str, Any], status: Mapping[str, Any], **_: Any
+        namespace: str | None, name: str, spec: kopf.Spec, status: kopf.Status, **_: Any
     ) -> dict[tuple[str, str], dict[str, Any]]:
-        return {(namespace, name): {"spec": dict(spec), "status": dict(status)}}
+        return {(namespace or "", name): {"spec": dict(spec), "status": dict(status)}}
 
     @kopf.on.event(GROUP, VERSION, FEDERATIONROUNDS, registry=registry, id="track_round_phase")
     def track_round_phase(
-        event: Mapping[str, Any], namespace: str, name: str, status: Mapping[str, Any], memo: kopf.Memo, **_: Any
+        event: kopf.RawEvent, namespace: str | None, name: str, status: kopf.Status, memo: kopf.Memo, **_: Any
     ) -> None:
         runtime: Runtime = memo.runtime
         gone = event.get("type") == "DELETED"
-        runtime.metrics.observe_round(namespace, name, None if gone else str(status.get("phase") or "Pending"))
+        runtime.metrics.observe_round(namespace or "", name, None if gone else str(status.get("phase") or "Pending"))
 
     # -- SiteTask: validate the spec, say so in the Ready condition
     @kopf.on.resume(GROUP, VERSION, SITETASKS, registry=registry, id="validate_sitetask", retries=3, backoff=5)
@@ -235,19 +238,19 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     )
     async def reconcile_round(
         body: kopf.Body,
-        meta: Mapping[str, Any],
-        spec: Mapping[str, Any],
-        status: Mapping[str, Any],
-        namespace: str,
+        meta: kopf.Meta,
+        spec: kopf.Spec,
+        status: kopf.Status,
+        namespace: str | None,
         name: str,
         patch: kopf.Patch,
         memo: kopf.Memo,
         logger: Any,
-        sitetasks_by_federation: kopf.Index[Any, Any],
-        jobs_by_round: kopf.Index[Any, Any],
-        rounds_by_name: kopf.Index[Any, Any],
-        **_: Any,
+        **indexes: Any,  # kopf passes each index under its handler id
     ) -> None:
+        sitetasks_by_federation: kopf.Index[Any, Any] = indexes["sitetasks_by_federation"]
+        jobs_by_round: kopf.Index[Any, Any] = indexes["jobs_by_round"]
+        rounds_by_name: kopf.Index[Any, Any] = indexes["rounds_by_name"]
         runtime: Runtime = memo.runtime
         assert runtime.executor is not None
         kube = runtime.require_kube()
@@ -263,7 +266,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
                 generation,
                 kube,
                 runtime,
-                jobs_by_round.get((namespace, name), []),
+                jobs_by_round.get((namespace or "", name), []),
                 rounds_by_name,
             )
             decision = plan(desired, observed)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import kopf
 
-
-def connect(kubeconfig: str | None) -> tuple[Any, kopf.ConnectionInfo]:
+def connect(kubeconfig: str | None) -> tuple[Any, dict[str, Any]]:
+    """A configured kubernetes ApiClient, and the same credentials as kopf.ConnectionInfo fields."""
     from kubernetes import client, config
 
     configuration = client.Configuration()
@@ -26,7 +25,7 @@ def connect(kubeconfig: str | None) -> tuple[Any, kopf.ConnectionInfo]:
     header = (configuration.api_key or {}).get("authorization") or (configuration.api_key or {}).get("BearerToken")
     if header:
         token = header.removeprefix("Bearer ").strip()
-    info = kopf.ConnectionInfo(
+    info = dict(
         server=configuration.host,
         ca_path=configuration.ssl_ca_cert,
         insecure=not configuration.verify_ssl,

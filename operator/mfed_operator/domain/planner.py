@@ -120,18 +120,16 @@ def transition(
     status: RoundStatus, phase: Phase, reason: str, message: str, now: datetime, *, degraded: bool = False
 ) -> RoundStatus:
     check_transition(status.phase, phase)
-    extra: dict[str, object] = {}
-    if phase.terminal and status.completed_at is None:
-        extra["completed_at"] = iso(now)
-    if phase is Phase.AGGREGATING:
-        extra["aggregation_started_at"] = iso(now)
+    completed_at = iso(now) if phase.terminal and status.completed_at is None else status.completed_at
+    aggregation_started_at = iso(now) if phase is Phase.AGGREGATING else status.aggregation_started_at
     return replace(
         status,
         phase=phase,
         outcome=Headline(reason=reason, message=clip(message), degraded=degraded),
         retry=None if phase.terminal else status.retry,
-        **extra,
-    )  # type: ignore[arg-type]
+        completed_at=completed_at,
+        aggregation_started_at=aggregation_started_at,
+    )
 
 
 def headline(status: RoundStatus, reason: str, message: str, *, degraded: bool = False) -> RoundStatus:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mfed.aggregation.crosstask import GroupUpdate, Level2Weighting, group_weights, weighted_mean
+from mfed.aggregation.linear import Candidate, aggregate_linear, screen_manifests
 from mfed.aggregation.ownership import owner_of
 from mfed.aggregation.validate import (
     ContributionRejected,
@@ -50,9 +51,7 @@ class _GroupSum:
     samples: int = 0
     encoder: dict[str, np.ndarray] = field(default_factory=dict)
     decoder: dict[str, np.ndarray] = field(default_factory=dict)
-    metric_sums: dict[str, float] = field(default_factory=dict)
-    metric_weights: dict[str, int] = field(default_factory=dict)
-    sites: list[str] = field(default_factory=list)
+    manifests: list[ContributionManifest] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,6 @@ class RoundAggregator:
         self._groups: dict[str, _GroupSum] = {}
         self._last_site: str | None = None
         self._accepted: set[str] = set()
-        self._contributors: list[Contributor] = []
         self._rejected: list[Rejection] = []
 
     @property
@@ -112,19 +110,8 @@ class RoundAggregator:
         _accumulate(group.encoder, contribution.delta, manifest.samples)
         _accumulate(group.decoder, contribution.decoder, manifest.samples)
         group.samples += manifest.samples
-        group.sites.append(site)
-        for name, value in sorted(manifest.metrics.items()):
-            group.metric_sums[name] = group.metric_sums.get(name, 0.0) + manifest.samples * value
-            group.metric_weights[name] = group.metric_weights.get(name, 0) + manifest.samples
+        group.manifests.append(manifest)
         self._accepted.add(site)
-        self._contributors.append(
-            Contributor(
-                site=site,
-                task=manifest.task,
-                samples=manifest.samples,
-                delta_sha256=manifest.delta.sha256,
-            )
-        )
 
     def offer(self, manifest: ContributionManifest, delta_bytes: bytes, decoder_bytes: bytes) -> bool:
         """Validate and add; a rejection is recorded (and returned as False), never raised."""
@@ -174,30 +161,55 @@ class RoundAggregator:
         return AggregationResult(model_bytes=model_bytes, manifest=manifest, tensors=new)
 
     def _global_manifest(self, model_bytes: bytes, weights: list[float], tasks: list[str]) -> GlobalManifest:
-        infos = {}
-        for name, info in self.base.tasks.items():
-            group = self._groups.get(name)
-            if group is None:
-                infos[name] = replace(info, sites=(), samples=0, metrics={})
-                continue
-            metrics = {m: group.metric_sums[m] / group.metric_weights[m] for m in sorted(group.metric_sums)}
-            infos[name] = replace(info, sites=tuple(group.sites), samples=group.samples, metrics=metrics)
-        return GlobalManifest(
-            federation=self.base.federation,
-            round=self.round_number,
-            model=FileRef(name=MODEL_FILE, sha256=sha256_hex(model_bytes), size=len(model_bytes)),
-            encoder=self.base.encoder,
-            encoder_signature=self.base.encoder_signature,
-            sharing=self.base.sharing,
-            tasks=infos,
-            parent_digest=self.base.digest,
-            contributors=tuple(self._contributors),
-            rejected=tuple(self._rejected),
-            aggregation={
-                **self.settings.to_dict(),
-                "level2Weights": dict(zip(tasks, weights, strict=True)),
-            },
+        accepted = [m for group in self._groups.values() for m in group.manifests]
+        return build_global_manifest(
+            self.base,
+            self.round_number,
+            model_bytes,
+            accepted,
+            self._rejected,
+            self.settings,
+            dict(zip(tasks, weights, strict=True)),
         )
+
+
+def build_global_manifest(
+    base: GlobalManifest,
+    round_number: int,
+    model_bytes: bytes,
+    accepted: list[ContributionManifest],
+    rejected: list[Rejection],
+    settings: AggregationSettings,
+    level2_weights: Mapping[str, float],
+) -> GlobalManifest:
+    """Provenance of a new global model: who contributed, who was refused, per-task metrics."""
+    accepted = sorted(accepted, key=lambda m: m.site)
+    infos = {}
+    for name, info in base.tasks.items():
+        members = [m for m in accepted if m.task == name]
+        samples = sum(m.samples for m in members)
+        metric_names = sorted({k for m in members for k in m.metrics})
+        metrics = {
+            k: sum(m.samples * m.metrics[k] for m in members if k in m.metrics)
+            / sum(m.samples for m in members if k in m.metrics)
+            for k in metric_names
+        }
+        infos[name] = replace(info, sites=tuple(m.site for m in members), samples=samples, metrics=metrics)
+    return GlobalManifest(
+        federation=base.federation,
+        round=round_number,
+        model=FileRef(name=MODEL_FILE, sha256=sha256_hex(model_bytes), size=len(model_bytes)),
+        encoder=base.encoder,
+        encoder_signature=base.encoder_signature,
+        sharing=base.sharing,
+        tasks=infos,
+        parent_digest=base.digest,
+        contributors=tuple(
+            Contributor(site=m.site, task=m.task, samples=m.samples, delta_sha256=m.delta.sha256) for m in accepted
+        ),
+        rejected=tuple(sorted(rejected, key=lambda r: r.site)),
+        aggregation={**settings.to_dict(), "level2Weights": dict(sorted(level2_weights.items()))},
+    )
 
 
 @dataclass(frozen=True)
@@ -216,26 +228,26 @@ def aggregate(
     sources: Iterable[ContributionSource],
     settings: AggregationSettings = AggregationSettings(),
 ) -> AggregationResult:
-    """Stream every source (sorted by site) through validation into one aggregator.
+    """Stream every source (sorted by site) through validation into one accumulator.
 
     Unreadable or invalid contributions are recorded in the result's `rejected`; errors other
     than bad data (e.g. storage outages) propagate so the caller can retry the whole round.
+    Raises ValueError when no contribution is accepted.
     """
-    aggregator = RoundAggregator(base, base_tensors, round_number, settings)
+    rejected: list[Rejection] = []
+    readable: list[tuple[ContributionSource, ContributionManifest]] = []
     for source in sorted(sources, key=lambda s: s.site):
         try:
-            manifest = source.read_manifest()
+            readable.append((source, source.read_manifest()))
         except ContributionRejected as exc:
-            aggregator.reject(exc.site, exc.reason, exc.detail)
-            continue
-        if manifest.site != source.site:
-            aggregator.reject(source.site, RejectReason.UNREADABLE, f"manifest names site {manifest.site!r}")
-            continue
-        try:
-            check_manifest(manifest, base, round_number, set(aggregator.accepted_sites))
-            delta_bytes, decoder_bytes = source.read_files(manifest)
-        except ContributionRejected as exc:
-            aggregator.reject(exc.site, exc.reason, exc.detail)
-            continue
-        aggregator.offer(manifest, delta_bytes, decoder_bytes)
-    return aggregator.finish()
+            rejected.append(Rejection(site=exc.site, reason=exc.reason.value, detail=exc.detail))
+    kept, refused = screen_manifests(base, round_number, [(s.site, m, s) for s, m in readable])
+    rejected += refused
+    candidates = [Candidate(site=site, manifest=m, read_files=s.read_files) for site, m, s in kept]
+    outcome = aggregate_linear(base, base_tensors, round_number, candidates, settings.level2_weighting)
+    rejected += outcome.rejected
+    model_bytes = encode_tensors(outcome.tensors)
+    manifest = build_global_manifest(
+        base, round_number, model_bytes, outcome.accepted, rejected, settings, outcome.level2_weights
+    )
+    return AggregationResult(model_bytes=model_bytes, manifest=manifest, tensors=outcome.tensors)

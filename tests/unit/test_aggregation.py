@@ -275,3 +275,19 @@ def test_half_precision_deltas_are_accepted_when_the_manifest_declares_them():
     key = "encoder.stages.0.weight"
     # bf16 keeps ~3 significant digits; the update lands within that precision.
     np.testing.assert_allclose(result.tensors[key] - tensors[key], delta[key], rtol=1e-2, atol=1e-2)
+
+
+def test_single_accumulator_streaming_agrees_with_per_group_aggregation():
+    """The linear fast path (coefficients from manifests) and the per-group path give the same model."""
+    base, tensors, _ = make_base(SharingPolicy(mode=SharingMode.DEPTH, depth=1))
+    contribs = _three_sites(base, np.random.default_rng(12))
+    streamed = aggregate(base, tensors, 1, [_source(m, d, c) for m, d, c, _, _ in contribs])
+    per_group = RoundAggregator(base, tensors, 1)
+    for m, d, c, _, _ in contribs:
+        assert per_group.offer(m, d, c)
+    reference = per_group.finish()
+    assert set(streamed.tensors) == set(reference.tensors)
+    for key in reference.tensors:
+        np.testing.assert_allclose(streamed.tensors[key], reference.tensors[key], rtol=1e-6, atol=1e-7)
+    assert streamed.manifest.contributors == reference.manifest.contributors
+    assert streamed.manifest.tasks == reference.manifest.tasks

@@ -42,17 +42,21 @@ def delta_m(metrics: Mapping[str, float], local: Mapping[str, float], higher_is_
 
 
 def _mean_curve(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
+    """Curve points averaged over seeds: per task, mean steps per site and mean test score."""
     points = []
     for index in range(min(len(r.curve) for r in runs)):
-        per_task: dict[str, list[float]] = {}
+        scores: dict[str, list[float]] = {}
+        steps: dict[str, list[int]] = {}
         for run in runs:
-            for site, value in run.curve[index].test.items():
-                per_task.setdefault(task_of(site), []).append(value)
+            point = run.curve[index]
+            for site, value in point.test.items():
+                scores.setdefault(task_of(site), []).append(value)
+                steps.setdefault(task_of(site), []).append(point.steps[site])
         points.append(
             {
-                "round": runs[0].curve[index].round,
-                "steps": runs[0].curve[index].steps,
-                "metrics": {t: statistics.fmean(v) for t, v in sorted(per_task.items())},
+                "point": runs[0].curve[index].index,
+                "steps": {t: statistics.fmean(v) for t, v in sorted(steps.items())},
+                "metrics": {t: statistics.fmean(v) for t, v in sorted(scores.items())},
             }
         )
     return points
@@ -143,7 +147,7 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
     for ax, task in zip(axes.flat, tasks, strict=False):
         for method in results["methods"].values():
             points = method["per_round"]
-            ax.plot([p["steps"] for p in points], [p["metrics"][task] for p in points], label=method["label"])
+            ax.plot([p["steps"][task] for p in points], [p["metrics"][task] for p in points], label=method["label"])
         ax.set_title(
             f"{task}: {results['tasks'][task]['metric']} "
             f"({'higher' if results['tasks'][task]['higher_is_better'] else 'lower'} is better)"

@@ -53,9 +53,11 @@ class PilotSite:
 
 @dataclass(frozen=True)
 class CurvePoint:
-    round: int
-    steps: int  # optimizer steps per site so far
-    test: dict[str, float]  # per site
+    """Point k of a method's learning curve: each site's steps so far and its test score."""
+
+    index: int
+    steps: dict[str, int]
+    test: dict[str, float]
 
 
 @dataclass
@@ -107,13 +109,16 @@ def steps_per_round(config: PilotConfig, samples: int) -> int:
     return config.epochs * -(-train // config.batch_size)
 
 
-def local_rounds(config: PilotConfig) -> int:
-    """Local trains until it has at least the steps of any federated method and local_min_steps."""
-    rounds = config.rounds
-    for task in config.tasks:
-        per_round = steps_per_round(config, config.samples_for(task))
-        rounds = max(rounds, -(-config.local_min_steps // per_round))
-    return rounds
+def local_rounds(config: PilotConfig, samples: int) -> int:
+    """Rounds (of `epochs` each) a Local site trains: never fewer steps than a federated site of
+    the same size gets, and at least `local_min_steps`."""
+    return max(config.rounds, -(-config.local_min_steps // steps_per_round(config, samples)))
+
+
+def curve_checkpoints(rounds: int, points: int) -> dict[int, int]:
+    """Round -> curve index for `points` evenly spread checkpoints, the last on the final round."""
+    points = min(points, rounds)
+    return {-(-k * rounds // points): k for k in range(1, points + 1)}
 
 
 class Federation:
@@ -223,6 +228,23 @@ class Federation:
             self.spec(site, round_number + 1), self.storage, self.data[site.name], want_test=want_test
         )
 
+    def _best(self, site: PilotSite) -> str:
+        return join(self.root, self.name, "best", site.name)
+
+    def keep_best(self, site: PilotSite, round_number: int) -> None:
+        """Copy the artifacts of the site's validation-best model, to score it on test at the end."""
+        spec = self.spec(site, round_number + 1)
+        best = self._best(site)
+        shutil.rmtree(best, ignore_errors=True)
+        shutil.copytree(spec.global_model, join(best, "global"))
+        if spec.previous_decoder:
+            shutil.copyfile(spec.previous_decoder, join(best, DECODER_FILE))
+
+    def score_best(self, site: PilotSite) -> dict[str, float]:
+        best = self._best(site)
+        spec = replace(self.spec(site, 2), global_model=join(best, "global"), previous_decoder=join(best, DECODER_FILE))
+        return evaluate_start(spec, self.storage, self.data[site.name])
+
 
 def _improves(current: SiteSelection | None, val: float, higher_is_better: bool) -> bool:
     if current is None or current.val is None:
@@ -230,17 +252,22 @@ def _improves(current: SiteSelection | None, val: float, higher_is_better: bool)
     return val > current.val if higher_is_better else val < current.val
 
 
-def _test_wanted(on_curve: bool, current: SiteSelection | None, higher_is_better: bool) -> Callable[[float], bool]:
-    """Score test data only for curve points and for models that may be selected (it is the costly part)."""
-    return lambda val: on_curve or _improves(current, val, higher_is_better)
+def _constantly(answer: bool) -> Callable[[float], bool]:
+    return lambda _val: answer
 
 
 def _select(
     run: MethodRun, site: str, round_number: int, steps: int, scores: dict[str, float], higher_is_better: bool
-) -> None:
-    """Keep the round with the best validation score; its test score is what gets reported."""
-    if _improves(run.sites.get(site), scores["val"], higher_is_better):
-        run.sites[site] = SiteSelection(round=round_number, steps=steps, val=scores["val"], test=scores["test"])
+) -> bool:
+    """Keep the round with the best validation score; its test score is what gets reported.
+
+    The test score may be filled in later (nan until then): selection never looks at it."""
+    if not _improves(run.sites.get(site), scores["val"], higher_is_better):
+        return False
+    run.sites[site] = SiteSelection(
+        round=round_number, steps=steps, val=scores["val"], test=scores.get("test", math.nan)
+    )
+    return True
 
 
 def run_method(
@@ -260,13 +287,9 @@ def run_method(
     )
     sites = pilot_sites(config, seed)
     run = MethodRun(method=method, seed=seed)
-    # Local: each site is a federation of one, trained for the Local budget.
+    # Local: each site is a federation of one, trained for its Local budget.
     groups = [[s] for s in sites] if not plan.federated else [sites]
-    rounds = local_rounds(config) if not plan.federated else config.rounds
-    # At most `config.rounds` curve points per method, so long Local runs stay cheap to score.
-    stride = max(1, rounds // config.rounds)
-    per_round: dict[int, dict[str, float]] = {}
-    steps_at: dict[int, int] = {}
+    points: dict[int, CurvePoint] = {}
     with tempfile.TemporaryDirectory(prefix=f"mfed-pilot-{method.value}-") as tmp:
         for group in groups:
             name = f"{method.value.replace('_', '-')}-{group[0].name if len(group) == 1 else 'all'}"
@@ -274,21 +297,30 @@ def run_method(
                 sites=group, plan=plan, config=config, seed=seed, data=data, root=Path(tmp), name=name
             )
             federation.initialise()
+            rounds = config.rounds if plan.federated else local_rounds(config, group[0].data.samples or 0)
+            # Test data is scored only at curve checkpoints (it is the costly part); a model selected
+            # between checkpoints is kept on disk and scored once at the end.
+            checkpoints = curve_checkpoints(rounds, config.rounds)
             total_steps = 0
             for r in range(1, rounds + 1):
                 total_steps += federation.run_round(r, on_site_round)
-                on_curve = r % stride == 0 or r == rounds
+                index = checkpoints.get(r)
                 for site in group:
-                    direction = higher_is_better[site.task.name]
-                    current = run.sites.get(site.name)
-                    scores = federation.score(site, r, want_test=_test_wanted(on_curve, current, direction))
-                    if _improves(current, scores["val"], direction):
-                        _select(run, site.name, r, total_steps, scores, direction)
+                    scores = federation.score(site, r, want_test=_constantly(index is not None))
+                    if (
+                        _select(run, site.name, r, total_steps, scores, higher_is_better[site.task.name])
+                        and index is None
+                    ):
+                        federation.keep_best(site, r)
                     run.steps_per_site[site.name] = total_steps
-                    if on_curve:
-                        per_round.setdefault(r, {})[site.name] = scores["test"]
-                        steps_at[r] = max(steps_at.get(r, 0), total_steps)
-    run.curve = [CurvePoint(round=r, steps=steps_at[r], test=per_round[r]) for r in sorted(per_round)]
+                    if index is not None:
+                        point = points.setdefault(index, CurvePoint(index=index, steps={}, test={}))
+                        point.steps[site.name] = total_steps
+                        point.test[site.name] = scores["test"]
+            for site in group:
+                if math.isnan(run.sites[site.name].test):
+                    run.sites[site.name].test = federation.score_best(site)["test"]
+    run.curve = [points[k] for k in sorted(points)]
     return run
 
 
@@ -311,6 +343,8 @@ def higher_is_better(config: PilotConfig) -> dict[str, bool]:
 def total_site_rounds(config: PilotConfig) -> int:
     per_seed = 0
     for method in config.methods:
-        rounds = local_rounds(config) if method is Method.LOCAL else config.rounds
-        per_seed += rounds * config.site_count
+        for task in config.tasks:
+            samples = config.samples_for(task)
+            rounds = local_rounds(config, samples) if method is Method.LOCAL else config.rounds
+            per_seed += rounds * config.sites_per_task
     return per_seed * len(config.seeds)

@@ -11,7 +11,7 @@ from mfed.cli import main
 from mfed.methods import Method
 from mfed.pilot.config import PilotConfig, PilotConfigError
 from mfed.pilot.report import delta_m
-from mfed.pilot.runner import MethodRun, _select, local_rounds, pilot_sites, steps_per_round
+from mfed.pilot.runner import MethodRun, _select, curve_checkpoints, local_rounds, pilot_sites, steps_per_round
 
 
 def test_quick_pilot_runs_every_method_and_writes_table_json_and_plot(tmp_path, capsys):
@@ -36,9 +36,18 @@ def test_local_budget_covers_every_federated_method_and_the_minimum():
     config = PilotConfig(rounds=30, samples_per_site=300, local_min_steps=1000)
     per_round = steps_per_round(config, 300)
     assert per_round == 8  # 240 training images in batches of 32
-    assert local_rounds(config) * per_round >= max(1000, 30 * per_round)
-    scarce = PilotConfig(rounds=30, sites_per_task=1, task_samples={"cls10": 50}, local_min_steps=0)
-    assert local_rounds(scarce) == 30  # never fewer rounds than the federated methods
+    assert local_rounds(config, 300) * per_round >= max(1000, 30 * per_round)
+    assert steps_per_round(config, 50) == 2 and local_rounds(config, 50) == 500
+    assert local_rounds(config, 3000) == 30  # a large site already has 2250 steps in 30 rounds
+    no_minimum = PilotConfig(rounds=30, local_min_steps=0)
+    assert local_rounds(no_minimum, 50) == 30  # never fewer rounds than the federated methods
+
+
+def test_curve_checkpoints_spread_evenly_and_end_on_the_last_round():
+    assert curve_checkpoints(30, 30) == {r: r for r in range(1, 31)}
+    long = curve_checkpoints(125, 30)
+    assert len(long) == 30 and max(long) == 125 and long[125] == 30
+    assert curve_checkpoints(3, 30) == {1: 1, 2: 2, 3: 3}
 
 
 def test_each_site_reports_the_round_with_the_best_validation_score_not_the_best_test_score():

@@ -54,6 +54,11 @@ def _pilot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help=f"comma-separated subset of {','.join(m.value for m in ALL_METHODS)} (local is required)",
     )
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--delta-dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="precision of the encoder deltas sites upload (default float32; 16-bit halves traffic)",
+    )
     p.add_argument("--mu", type=float, help="M-Fed decoder regulariser weight (default 0.01)")
     p.add_argument("--regularizer", choices=[r.value for r in Regularizer], help="M-Fed regulariser (default l2)")
     p.add_argument(
@@ -85,6 +90,7 @@ def config_from_args(args: argparse.Namespace) -> PilotConfig:
         ("sites_per_task", args.sites_per_task),
         ("samples_per_site", args.samples_per_site),
         ("device", args.device),
+        ("delta_dtype", args.delta_dtype),
         ("mu", args.mu),
         ("epochs", args.epochs),
         ("batch_size", args.batch_size),

@@ -48,6 +48,7 @@ class PilotConfig:
     test_samples: int = 2000
     local_min_steps: int = 1000
     device: str = "auto"
+    delta_dtype: str = "float32"  # what sites upload: float32, float16 or bfloat16 deltas
     encoder: ArchSpec = ArchSpec(name="small_cnn")
     scenario: str = "equal"
 
@@ -95,6 +96,7 @@ class PilotConfig:
             "test_samples": self.test_samples,
             "local_min_steps": self.local_min_steps,
             "device": self.device,
+            "delta_dtype": self.delta_dtype,
             "encoder": {"name": self.encoder.name, "params": dict(self.encoder.params)},
         }
 

@@ -148,6 +148,7 @@ class Federation:
             decoder_source=plan.decoder_source,
             seed=seed,
             device=config.device,
+            delta_dtype=config.delta_dtype,
             val_fraction=config.val_fraction,
         )
 

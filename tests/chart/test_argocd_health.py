@@ -176,6 +176,12 @@ SITETASK_CASES = [
     ),
     Case("invalid spec", sitetask(*INVALID), "Degraded", "unknown type 'segm'"),
     Case(
+        "being validated",
+        sitetask(cond("Ready", "Unknown", "Validating", "checking the spec")),
+        "Progressing",
+        "checking the spec",
+    ),
+    Case(
         "spec changed, not yet observed",
         sitetask(*VALID, generation=2, observed=1),
         "Progressing",

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import re
+import tarfile
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
 
 import mfed
-from tests.chart.tools import CHART, NEWEST_KUBERNETES, OLDEST_KUBERNETES, REPO, load_yaml_docs, validate_kubernetes
+from tests.chart.tools import (
+    CHART,
+    NEWEST_KUBERNETES,
+    OLDEST_KUBERNETES,
+    REPO,
+    Helm,
+    load_yaml_docs,
+    validate_kubernetes,
+)
 
 CHART_YAML = yaml.safe_load((CHART / "Chart.yaml").read_text())
 CRD_FILES = sorted((REPO / "crds").glob("*.yaml"))
@@ -36,8 +46,8 @@ def test_the_charts_crds_are_byte_identical_to_the_top_level_crds() -> None:
 
 
 @pytest.mark.parametrize("path", CRD_FILES, ids=[p.name for p in CRD_FILES])
-def test_each_crd_is_a_valid_apiextensions_v1_object_old_and_new(path: object) -> None:
-    (crd,) = load_yaml_docs(path)  # type: ignore[arg-type]
+def test_each_crd_is_a_valid_apiextensions_v1_object_old_and_new(path: Path) -> None:
+    (crd,) = load_yaml_docs(path)
     assert crd["apiVersion"] == "apiextensions.k8s.io/v1"
     for version in (OLDEST_KUBERNETES, NEWEST_KUBERNETES):
         validate_kubernetes(crd, version)
@@ -59,3 +69,20 @@ def test_every_template_helper_is_namespaced_by_the_chart_name() -> None:
     assert [name for name in defined if not name.startswith("mfed-operator.")] == []
     for template in (CHART / "templates").glob("*"):
         assert "define " not in template.read_text() or template.name == "_helpers.tpl", template
+
+
+def test_the_packaged_chart_carries_its_crds_schema_and_readme(helm4: Helm, tmp_path: Path) -> None:
+    helm4.run("package", str(CHART), "--destination", str(tmp_path))
+    (archive,) = tmp_path.glob("mfed-operator-*.tgz")
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    expected = {f"mfed-operator/crds/{p.name}" for p in CRD_FILES} | {
+        "mfed-operator/Chart.yaml",
+        "mfed-operator/values.yaml",
+        "mfed-operator/values.schema.json",
+        "mfed-operator/README.md",
+        "mfed-operator/templates/NOTES.txt",
+        "mfed-operator/templates/deployment.yaml",
+    }
+    assert expected <= names
+    assert archive.name == f"mfed-operator-{CHART_YAML['version']}.tgz"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -85,6 +85,10 @@ class SharingPolicy:
     mode: SharingMode = SharingMode.ALL
     depth: int = 0
     prefixes: tuple[str, ...] = ()
+    # Also keep each task group's own copy of the shared parameters (`tasks.<t>.encoder.<p>` beside
+    # `encoder.<p>`): sites can then mix the shared and the task-level encoder, or fall back to the
+    # task level, per round (docs/strategies.md). Off: the literal layout, one copy per parameter.
+    task_level: bool = False
 
     def __post_init__(self) -> None:
         if self.mode is SharingMode.DEPTH and self.depth < 1:
@@ -94,14 +98,22 @@ class SharingPolicy:
 
     @classmethod
     def parse(cls, f: Fields) -> SharingPolicy:
-        f.reject_unknown(["mode", "depth", "prefixes"])
+        f.reject_unknown(["mode", "depth", "prefixes", "taskLevel"])
         mode = SharingMode(f.str("mode", "all", choices=[m.value for m in SharingMode]))
-        return cls(mode=mode, depth=f.int("depth", 0, minimum=0), prefixes=f.str_list("prefixes"))
+        return cls(
+            mode=mode,
+            depth=f.int("depth", 0, minimum=0),
+            prefixes=f.str_list("prefixes"),
+            task_level=f.bool("taskLevel", False),
+        )
 
     @classmethod
     def from_text(cls, text: str) -> SharingPolicy:
-        """`all`, `none`, `2` / `depth:2`, or `prefix:encoder.stages.0.,encoder.stages.1.`."""
+        """`all`, `none`, `2` / `depth:2`, or `prefix:encoder.stages.0.,encoder.stages.1.`; a `+task`
+        suffix (`all+task`) keeps task-level copies of the shared parameters too."""
         value = text.strip()
+        if value.endswith("+task"):
+            return replace(cls.from_text(value.removesuffix("+task")), task_level=True)
         if value in ("all", "none"):
             return cls(mode=SharingMode(value))
         if value.isdigit() or value.startswith("depth:"):
@@ -114,7 +126,10 @@ class SharingPolicy:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode.value, "depth": self.depth, "prefixes": list(self.prefixes)}
+        out: dict[str, Any] = {"mode": self.mode.value, "depth": self.depth, "prefixes": list(self.prefixes)}
+        if self.task_level:  # written only when set, so literal-layout documents are unchanged
+            out["taskLevel"] = True
+        return out
 
 
 class Regularizer(StrEnum):
@@ -123,6 +138,20 @@ class Regularizer(StrEnum):
     NONE = "none"
     L2 = "l2"  # (mu/2) * ||theta(D_k) - theta(D_tau)||^2, the literal reading
     DISTILL = "distill"  # mu * d(D_k(E(x)), D_tau(E(x))), the output-distillation reading
+
+
+class SiteStrategy(StrEnum):
+    """Where a site starts from when the global model keeps task-level copies of the shared
+    encoder parameters (SharingPolicy.task_level), and what it deploys (docs/strategies.md).
+
+    Without task-level copies there is only one encoder per task and every strategy starts there.
+    """
+
+    SHARED = "shared"  # start from the shared encoder E_G (the literal reading)
+    TASK = "task"  # start from the task-level encoder E_tau (no cross-task transfer)
+    GATE = "gate"  # E_G while the aggregator's similarity gate is open for the task, else E_tau
+    MIX = "mix"  # alpha * E_G + (1 - alpha) * E_tau, alpha chosen on validation after a decoder probe
+    FALLBACK = "fallback"  # train both tracks (E_tau and E_G); deploy the better one on validation
 
 
 class DecoderSource(StrEnum):
@@ -145,6 +174,10 @@ class TrainingSpec:
     delta_dtype: str = "float32"
     val_fraction: float = 0.2
     max_steps: int | None = None
+    # Train at least this many optimizer steps per round (more epochs for small sites): a site with
+    # 40 images otherwise makes 2 steps a round and needs hundreds of rounds to use what it gets.
+    min_steps: int = 0
+    site_strategy: SiteStrategy = SiteStrategy.SHARED
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -161,6 +194,10 @@ class TrainingSpec:
             raise SpecError("training.device", f"is {self.device!r}; use auto, cpu, cuda or cuda:N")
         if self.delta_dtype not in ("float32", "float16", "bfloat16"):
             raise SpecError("training.deltaDtype", "use float32, float16 or bfloat16")
+        if self.min_steps < 0:
+            raise SpecError("training.minSteps", "must be 0 or more")
+        if self.max_steps is not None and self.min_steps > self.max_steps:
+            raise SpecError("training.minSteps", f"is {self.min_steps}, above maxSteps {self.max_steps}")
 
     @classmethod
     def parse(cls, f: Fields) -> TrainingSpec:
@@ -177,6 +214,8 @@ class TrainingSpec:
                 "deltaDtype",
                 "valFraction",
                 "maxSteps",
+                "minSteps",
+                "siteStrategy",
             ]
         )
         return cls(
@@ -191,10 +230,12 @@ class TrainingSpec:
             delta_dtype=f.str("deltaDtype", "float32", choices=["float32", "float16", "bfloat16"]),
             val_fraction=f.float("valFraction", 0.2, minimum=0, maximum=1),
             max_steps=f.opt_int("maxSteps", minimum=1),
+            min_steps=f.int("minSteps", 0, minimum=0),
+            site_strategy=SiteStrategy(f.str("siteStrategy", "shared", choices=[s.value for s in SiteStrategy])),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "epochs": self.epochs,
             "batchSize": self.batch_size,
             "learningRate": self.learning_rate,
@@ -207,6 +248,13 @@ class TrainingSpec:
             "valFraction": self.val_fraction,
             "maxSteps": self.max_steps,
         }
+        # Written only when set, so specs of the literal method keep their bytes (and old trainers
+        # that do not know the fields keep reading them).
+        if self.min_steps:
+            out["minSteps"] = self.min_steps
+        if self.site_strategy is not SiteStrategy.SHARED:
+            out["siteStrategy"] = self.site_strategy.value
+        return out
 
 
 class DataSource(StrEnum):

@@ -2,8 +2,18 @@
 
 Level 1, within each task group tau: E_tau = E_base + sum_k n_k d_k / N_tau and
 D_tau = sum_k n_k D_k / N_tau, where d_k is site k's encoder delta and D_k its decoder.
-Level 2, across groups: the shared encoder parameters get base + combine(mean deltas).
+Level 2, across groups: the shared encoder parameters get base + combine(mean deltas), the
+combination chosen by AggregationSettings.level2_rule (crosstask.py).
 
+With task-level copies of the shared parameters (SharingPolicy.task_level, "dual" parameters),
+site k of group tau started from S_k = a_k E_G + (1 - a_k) E_tau (a_k from its manifest's
+startMix) and its delta d_k is relative to S_k. Level 1 keeps the task-level copy equal to the
+FedAvg of the models the group's sites actually trained,
+    E_tau' = sum_k n_k (S_k + d_k) / N_tau = E_tau + a_tau (E_G - E_tau) + mean_tau(d),
+with a_tau the sample-weighted mean start mix; level 2 moves E_G by the combined deltas.
+
+`aggregate` streams the literal layout with the mean rule through one accumulator (linear.py);
+rules whose weights depend on the updates, and dual layouts, go through RoundAggregator.
 Memory: one float64 running sum per task group (encoder + decoder) plus the contribution
 being added; it does not grow with the number of sites. Sites must be added in sorted order
 and groups are combined in sorted order, so a re-run produces identical bytes.
@@ -11,15 +21,16 @@ and groups are combined in sorted order, so a re-run produces identical bytes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from mfed.aggregation.crosstask import GroupUpdate, Level2Weighting, group_weights, weighted_mean
+from mfed.aggregation.crosstask import GroupUpdate, Level2Rule, Level2Weighting, level2, weighted_mean
 from mfed.aggregation.linear import Candidate, aggregate_linear, screen_manifests
-from mfed.aggregation.ownership import owner_of
+from mfed.aggregation.ownership import SHARED_TRACK, dual_keys, owner_of
 from mfed.aggregation.validate import (
     ContributionRejected,
     RejectReason,
@@ -40,10 +51,31 @@ from mfed.artifacts.tensorfile import encode_tensors, sha256_hex
 
 @dataclass(frozen=True, kw_only=True)
 class AggregationSettings:
+    """How level 2 combines the task groups' updates of the shared encoder (docs/strategies.md).
+
+    `level2_rule` mean is the literal reading; cagrad is conflict-averse (radius `cagrad_c`);
+    gated leaves out groups whose smoothed update agreement is below `gate_threshold`.
+    """
+
     level2_weighting: Level2Weighting = Level2Weighting.UNIFORM
+    level2_rule: Level2Rule = Level2Rule.MEAN
+    cagrad_c: float = 0.4
+    gate_threshold: float = 0.0
+    gate_momentum: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.cagrad_c) and self.cagrad_c >= 0):
+            raise ValueError(f"cagrad_c must be a finite number >= 0, got {self.cagrad_c}")
+        if not -1.0 <= self.gate_threshold <= 1.0:
+            raise ValueError(f"gate_threshold is a cosine similarity in [-1, 1], got {self.gate_threshold}")
+        if not 0.0 <= self.gate_momentum < 1.0:
+            raise ValueError(f"gate_momentum must be in [0, 1), got {self.gate_momentum}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"level2Weighting": self.level2_weighting.value}
+        out: dict[str, Any] = {"level2Weighting": self.level2_weighting.value}
+        if self.level2_rule is not Level2Rule.MEAN:
+            out["level2Rule"] = self.level2_rule.value
+        return out
 
 
 @dataclass
@@ -52,6 +84,8 @@ class _GroupSum:
     encoder: dict[str, np.ndarray] = field(default_factory=dict)
     decoder: dict[str, np.ndarray] = field(default_factory=dict)
     manifests: list[ContributionManifest] = field(default_factory=list)
+    mix: dict[str, float] = field(default_factory=dict)  # dual parameter -> sum of n_k * a_k
+    level2: dict[str, np.ndarray] = field(default_factory=dict)  # what level 2 sees: shared-track deltas
 
 
 @dataclass(frozen=True)
@@ -84,6 +118,7 @@ class RoundAggregator:
         self.round_number = round_number
         self.settings = settings
         self._groups: dict[str, _GroupSum] = {}
+        self._shared_keys = sorted(k for k in base_tensors if owner_of(k).task is None)
         self._last_site: str | None = None
         self._accepted: set[str] = set()
         self._rejected: list[Rejection] = []
@@ -107,10 +142,22 @@ class RoundAggregator:
         self._last_site = site
         manifest = contribution.manifest
         group = self._groups.setdefault(manifest.task, _GroupSum())
-        _accumulate(group.encoder, contribution.delta, manifest.samples)
-        _accumulate(group.decoder, contribution.decoder, manifest.samples)
+        # A two-track site's shared-track delta (from E_G) feeds level 2, its task-level track
+        # (from E_tau) feeds the task-level copy; a one-track site's delta feeds both.
+        two_track = any(k.startswith(SHARED_TRACK) for k in contribution.delta)
+        source = SHARED_TRACK if two_track else ""
+        _accumulate(group.level2, {k: contribution.delta[source + k] for k in self._shared_keys}, manifest.samples)
+        own = {k: v for k, v in contribution.delta.items() if not k.startswith(SHARED_TRACK)}
+        _accumulate(group.encoder, own, manifest.samples)
+        _accumulate(
+            group.decoder,
+            {k: v for k, v in contribution.decoder.items() if not k.startswith(SHARED_TRACK)},
+            manifest.samples,
+        )
         group.samples += manifest.samples
         group.manifests.append(manifest)
+        for key in dual_keys(self.base_tensors, manifest.task):
+            group.mix[key] = group.mix.get(key, 0.0) + manifest.samples * manifest.mix_for(key)
         self._accepted.add(site)
 
     def offer(self, manifest: ContributionManifest, delta_bytes: bytes, decoder_bytes: bytes) -> bool:
@@ -131,13 +178,25 @@ class RoundAggregator:
             raise ValueError("no contribution was accepted; there is nothing to aggregate")
         tasks = sorted(self._groups)
         updates = []
+        task_means: dict[str, dict[str, np.ndarray]] = {}
         for task in tasks:
             group = self._groups[task]
-            mean = {k: v / group.samples for k, v in group.encoder.items()}
+            task_means[task] = {k: v / group.samples for k, v in group.encoder.items()}
+            mean = {k: v / group.samples for k, v in group.level2.items()}
             updates.append(GroupUpdate(task=task, samples=group.samples, mean_delta=mean))
 
-        shared_keys = sorted(k for k in self.base_tensors if owner_of(k).task is None)
-        weights = group_weights(updates, self.settings.level2_weighting)
+        shared_keys = self._shared_keys
+        outcome = level2(
+            updates,
+            shared_keys,
+            weighting=self.settings.level2_weighting,
+            rule=self.settings.level2_rule,
+            cagrad_c=self.settings.cagrad_c,
+            gate_threshold=self.settings.gate_threshold,
+            gate_momentum=self.settings.gate_momentum,
+            previous=self.base.aggregation,
+        )
+        weights = outcome.weights
         shared_delta = weighted_mean(updates, weights, shared_keys)
         by_task = {u.task: u for u in updates}
 
@@ -150,17 +209,24 @@ class RoundAggregator:
             elif owner.task not in by_task:
                 new[key] = np.array(base_value, dtype=np.float32)  # group absent: unchanged
             elif owner.part == "encoder":
-                delta = by_task[owner.task].mean_delta[owner.site_key]
-                new[key] = (base_value.astype(np.float64) + delta).astype(np.float32)
+                delta = task_means[owner.task][owner.site_key]
+                start = base_value.astype(np.float64)
+                if owner.site_key in self.base_tensors:  # dual: the group started from a mix
+                    group = self._groups[owner.task]
+                    alpha = group.mix[owner.site_key] / group.samples
+                    start = start + alpha * (self.base_tensors[owner.site_key].astype(np.float64) - start)
+                new[key] = (start + delta).astype(np.float32)
             else:
                 group = self._groups[owner.task]
                 new[key] = (group.decoder[owner.site_key] / group.samples).astype(np.float32)
 
         model_bytes = encode_tensors(new)
-        manifest = self._global_manifest(model_bytes, weights, tasks)
+        manifest = self._global_manifest(model_bytes, weights, tasks, outcome.evidence)
         return AggregationResult(model_bytes=model_bytes, manifest=manifest, tensors=new)
 
-    def _global_manifest(self, model_bytes: bytes, weights: list[float], tasks: list[str]) -> GlobalManifest:
+    def _global_manifest(
+        self, model_bytes: bytes, weights: list[float], tasks: list[str], evidence: Mapping[str, Any]
+    ) -> GlobalManifest:
         accepted = [m for group in self._groups.values() for m in group.manifests]
         return build_global_manifest(
             self.base,
@@ -170,6 +236,7 @@ class RoundAggregator:
             self._rejected,
             self.settings,
             dict(zip(tasks, weights, strict=True)),
+            evidence,
         )
 
 
@@ -181,6 +248,7 @@ def build_global_manifest(
     rejected: list[Rejection],
     settings: AggregationSettings,
     level2_weights: Mapping[str, float],
+    evidence: Mapping[str, Any] | None = None,
 ) -> GlobalManifest:
     """Provenance of a new global model: who contributed, who was refused, per-task metrics."""
     accepted = sorted(accepted, key=lambda m: m.site)
@@ -208,7 +276,11 @@ def build_global_manifest(
             Contributor(site=m.site, task=m.task, samples=m.samples, delta_sha256=m.delta.sha256) for m in accepted
         ),
         rejected=tuple(sorted(rejected, key=lambda r: r.site)),
-        aggregation={**settings.to_dict(), "level2Weights": dict(sorted(level2_weights.items()))},
+        aggregation={
+            **settings.to_dict(),
+            **(evidence or {}),
+            "level2Weights": dict(sorted(level2_weights.items())),
+        },
     )
 
 
@@ -243,6 +315,8 @@ def aggregate(
             rejected.append(Rejection(site=exc.site, reason=exc.reason.value, detail=exc.detail))
     kept, refused = screen_manifests(base, round_number, [(s.site, m, s) for s, m in readable])
     rejected += refused
+    if settings.level2_rule is not Level2Rule.MEAN or base.sharing.task_level:
+        return _aggregate_by_group(base, base_tensors, round_number, kept, rejected, settings)
     candidates = [Candidate(site=site, manifest=m, read_files=s.read_files) for site, m, s in kept]
     outcome = aggregate_linear(base, base_tensors, round_number, candidates, settings.level2_weighting)
     rejected += outcome.rejected
@@ -251,3 +325,27 @@ def aggregate(
         base, round_number, model_bytes, outcome.accepted, rejected, settings, outcome.level2_weights
     )
     return AggregationResult(model_bytes=model_bytes, manifest=manifest, tensors=outcome.tensors)
+
+
+def _aggregate_by_group(
+    base: GlobalManifest,
+    base_tensors: Mapping[str, np.ndarray],
+    round_number: int,
+    kept: list[tuple[str, ContributionManifest, ContributionSource]],
+    rejected: list[Rejection],
+    settings: AggregationSettings,
+) -> AggregationResult:
+    """Rules whose level-2 weights depend on the updates themselves (CAGrad, the gate) and layouts
+    with task-level copies need every group's mean delta before combining: one float64 running sum
+    per task group (RoundAggregator), still independent of the number of sites."""
+    aggregator = RoundAggregator(base, base_tensors, round_number, settings)
+    for item in rejected:
+        aggregator.reject(item.site, RejectReason(item.reason), item.detail)
+    for _site, manifest, source in kept:
+        try:
+            delta_bytes, decoder_bytes = source.read_files(manifest)
+        except ContributionRejected as exc:
+            aggregator.reject(exc.site, exc.reason, exc.detail)
+            continue
+        aggregator.offer(manifest, delta_bytes, decoder_bytes)
+    return aggregator.finish()

@@ -6,6 +6,10 @@ Site models name parameters `encoder.*` and `decoder.*`. A global model stores
     tasks.<task>.encoder.<p>    encoder parameters kept per task group (not shared)
     tasks.<task>.decoder.<p>    the task group's global decoder D_tau
 
+With `SharingPolicy.task_level` a shared parameter ALSO has a task-level copy per task group
+(`encoder.<p>` and `tasks.<task>.encoder.<p>` both exist): a "dual" parameter. Sites then start
+from a mix of the two, and the aggregator keeps both up to date (fedavg.py).
+
 Which encoder parameters are shared is decided once, at initialisation, by the federation's
 SharingPolicy; afterwards the key layout of the global model is the single source of truth.
 """
@@ -22,6 +26,10 @@ from mfed.spec import SharingMode, SharingPolicy
 
 ENCODER = "encoder."
 DECODER = "decoder."
+# A site that trains two tracks (SiteStrategy.FALLBACK) uploads, beside its task-level track
+# (`encoder.*` delta from E_tau, `decoder.*`), its shared track under this prefix: the delta of
+# the dual parameters from E_G (`shared.encoder.*`) and that track's decoder (`shared.decoder.*`).
+SHARED_TRACK = "shared."
 _STAGE = re.compile(r"^encoder\.stages\.(\d+)\.")
 _TASK_KEY = re.compile(r"^tasks\.([a-z0-9][a-z0-9_-]*)\.(encoder|decoder)\.(.+)$")
 
@@ -82,9 +90,10 @@ def layout_global(
     """Arrange an initial encoder and per-task decoders into global-model keys."""
     out: dict[str, np.ndarray] = {}
     for key, value in encoder.items():
-        if is_shared_across_tasks(key, policy):
+        shared = is_shared_across_tasks(key, policy)
+        if shared:
             out[key] = value
-        else:
+        if not shared or policy.task_level:
             for task in decoders:
                 out[global_key(key, task, shared=False)] = value
     for task, decoder in decoders.items():
@@ -94,14 +103,46 @@ def layout_global(
 
 
 def task_view(global_tensors: Mapping[str, np.ndarray], task: str, part: str) -> dict[str, np.ndarray]:
-    """The `part` ("encoder" or "decoder") of one task group, with site-model key names."""
+    """The `part` ("encoder" or "decoder") of one task group, with site-model key names.
+
+    For a dual parameter the task-level copy is the one returned (the safe fallback)."""
     view: dict[str, np.ndarray] = {}
-    for key, value in global_tensors.items():
+    for key in sorted(global_tensors):
         owner = owner_of(key)
-        if owner.part == part and owner.task in (None, task):
-            view[owner.site_key] = value
+        if owner.part == part and owner.task == task:
+            view[owner.site_key] = global_tensors[key]
+        elif owner.part == part and owner.task is None:
+            view.setdefault(owner.site_key, global_tensors[key])
     return view
+
+
+def shared_view(global_tensors: Mapping[str, np.ndarray], task: str) -> dict[str, np.ndarray]:
+    """One task group's encoder with every shared parameter taken from the shared encoder E_G."""
+    view = task_view(global_tensors, task, "encoder")
+    for key in view:
+        if key in global_tensors:
+            view[key] = global_tensors[key]
+    return view
+
+
+def dual_keys(global_keys: Iterable[str], task: str) -> list[str]:
+    """Site-model names of the encoder parameters that exist both shared and at `task`'s level."""
+    keys = set(global_keys)
+    prefix = f"tasks.{task}."
+    return sorted(k for k in keys if k.startswith(ENCODER) and f"{prefix}{k}" in keys)
 
 
 def tasks_in(global_keys: Iterable[str]) -> list[str]:
     return sorted({o.task for o in map(owner_of, global_keys) if o.task is not None})
+
+
+def contribution_view(
+    global_tensors: Mapping[str, np.ndarray], task: str, part: str, *, two_track: bool
+) -> dict[str, np.ndarray]:
+    """The tensors (site-model names, base values) a contribution's delta ("encoder") or decoder
+    file must hold: the task view, plus the shared track's copies for a two-track upload."""
+    view = task_view(global_tensors, task, part)
+    if not two_track:
+        return view
+    extra = dual_keys(global_tensors, task) if part == "encoder" else sorted(view)
+    return {**view, **{SHARED_TRACK + key: view[key] for key in extra}}

@@ -12,7 +12,7 @@ from enum import StrEnum
 
 import numpy as np
 
-from mfed.aggregation.ownership import task_view
+from mfed.aggregation.ownership import SHARED_TRACK, contribution_view
 from mfed.artifacts.manifest import ContributionManifest, GlobalManifest
 from mfed.artifacts.signature import Signature, SignatureMismatch
 from mfed.artifacts.tensorfile import (
@@ -38,6 +38,7 @@ class RejectReason(StrEnum):
     SHAPE = "ShapeMismatch"
     DTYPE = "DtypeMismatch"
     NON_FINITE = "NonFiniteValues"
+    BAD_MIX = "BadStartMix"
 
 
 class ContributionRejected(Exception):
@@ -76,6 +77,11 @@ def check_manifest(manifest: ContributionManifest, base: GlobalManifest, round_n
         )
     if manifest.samples <= 0:
         raise reject(RejectReason.BAD_SAMPLES, f"sample count {manifest.samples} must be positive")
+    for prefix, alpha in sorted(manifest.start_mix.items()):
+        if not prefix.startswith("encoder") or not 0.0 <= alpha <= 1.0:
+            raise reject(
+                RejectReason.BAD_MIX, f"startMix {prefix!r}: {alpha} must name an encoder prefix and lie in [0, 1]"
+            )
     if manifest.base_digest != base.digest:
         raise reject(
             RejectReason.WRONG_BASE, f"trained from {manifest.base_digest[:12]}, the round's base is {base.digest[:12]}"
@@ -113,12 +119,15 @@ def check_tensors(
     except ValueError as exc:
         raise ContributionRejected(site, RejectReason.DTYPE, str(exc)) from exc
 
+    # A two-track upload (SiteStrategy.FALLBACK) carries its shared track in both files, or in neither.
+    two_track = any(k.startswith(SHARED_TRACK) for k in delta.tensors)
     for label, part, parsed, allowed in (
         ("delta", "encoder", delta, {expected_dtype}),
         ("decoder", "decoder", decoder, {"F32"}),
     ):
         tensors, stored = parsed.tensors, parsed.stored_dtypes
-        expected = Signature.of_arrays(task_view(base_tensors, manifest.task, part), dtype="-")
+        view = contribution_view(base_tensors, manifest.task, part, two_track=two_track)
+        expected = Signature.of_arrays(view, dtype="-")
         actual = Signature.of_arrays(tensors, dtype="-")
         try:
             expected.require_equal(actual, what=label, check_dtype=False)

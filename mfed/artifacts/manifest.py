@@ -84,9 +84,14 @@ class ContributionManifest:
     delta_dtype: str
     metrics: Mapping[str, float] = field(default_factory=dict)
     trainer: Mapping[str, str] = field(default_factory=dict)
+    # Where the site's encoder started, for models with task-level copies of shared parameters
+    # (SharingPolicy.task_level): encoder-name prefix -> alpha, the start being
+    # alpha * shared + (1 - alpha) * task-level. Longest prefix wins; parameters it does not
+    # cover started from the task level (alpha 0). Empty for the literal layout.
+    start_mix: Mapping[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        body = {
+        body: dict[str, Any] = {
             "format": CONTRIBUTION_FORMAT,
             "formatVersion": FORMAT_VERSION,
             "federation": self.federation,
@@ -104,7 +109,17 @@ class ContributionManifest:
             "metrics": dict(self.metrics),
             "trainer": dict(self.trainer),
         }
+        if self.start_mix:  # only when used, so literal-layout manifests keep their bytes
+            body["startMix"] = dict(self.start_mix)
         return json.dumps(body, indent=2, sort_keys=True)
+
+    def mix_for(self, encoder_key: str) -> float:
+        """The alpha this site started `encoder_key` from (longest matching prefix, else 0)."""
+        best, alpha = -1, 0.0
+        for prefix, value in self.start_mix.items():
+            if encoder_key.startswith(prefix) and len(prefix) > best:
+                best, alpha = len(prefix), value
+        return alpha
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ContributionManifest:
@@ -132,6 +147,7 @@ class ContributionManifest:
             delta_dtype=f.str("deltaDtype"),
             metrics=_finite_metrics(f, "metrics"),
             trainer={str(k): str(v) for k, v in trainer.items()},
+            start_mix=_finite_metrics(f, "startMix"),
         )
 
 

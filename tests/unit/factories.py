@@ -61,6 +61,7 @@ def make_contribution(
     decoder: dict[str, np.ndarray] | None = None,
     delta_dtype: StoredDtype = StoredDtype.F32,
     metrics: Mapping[str, float] | None = None,
+    start_mix: Mapping[str, float] | None = None,
 ) -> tuple[ContributionManifest, bytes, bytes, dict[str, np.ndarray], dict[str, np.ndarray]]:
     delta = delta if delta is not None else random_arrays(ENCODER_SHAPES, rng)
     decoder = decoder if decoder is not None else random_arrays(DECODER_SHAPES[task], rng)
@@ -80,5 +81,6 @@ def make_contribution(
         decoder=FileRef(name=DECODER_FILE, sha256=sha256_hex(decoder_bytes), size=len(decoder_bytes)),
         delta_dtype=delta_dtype.value,
         metrics=dict(metrics or {}),
+        start_mix=dict(start_mix or {}),
     )
     return manifest, delta_bytes, decoder_bytes, delta, decoder

@@ -9,10 +9,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mfed.aggregation.crosstask import Level2Weighting
+from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
 from mfed.methods import Method
 from mfed.pilot.config import ALL_METHODS, QUICK, SCENARIOS, PilotConfig, PilotConfigError
-from mfed.spec import Regularizer, SharingPolicy, SpecError
+from mfed.spec import Regularizer, SharingPolicy, SiteStrategy, SpecError
 
 
 def _task_samples(text: str) -> dict[str, int]:
@@ -51,7 +51,8 @@ def _pilot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--methods",
         default=None,
-        help=f"comma-separated subset of {','.join(m.value for m in ALL_METHODS)} (local is required)",
+        help=f"comma-separated methods (default {','.join(m.value for m in ALL_METHODS)}; local is required); "
+        f"also: {','.join(m.value for m in Method if m not in ALL_METHODS)} (docs/strategies.md)",
     )
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     p.add_argument(
@@ -64,9 +65,28 @@ def _pilot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--shared-layers",
         default=None,
-        help="encoder parameters M-Fed shares across tasks: all (default), none, N (lowest N stages) or prefix:P1,P2",
+        help="encoder parameters M-Fed shares across tasks: all (default), none, N (lowest N stages) or "
+        "prefix:P1,P2; a +task suffix (all+task) also keeps task-level copies of them",
     )
     p.add_argument("--level2", choices=[w.value for w in Level2Weighting], help="level-2 weighting (default uniform)")
+    p.add_argument(
+        "--level2-rule",
+        choices=[r.value for r in Level2Rule],
+        help="how level 2 combines task groups' updates, overriding the method's: mean (M-Fed), "
+        "cagrad (conflict-averse), gated (only groups whose updates agree)",
+    )
+    p.add_argument("--cagrad-c", type=float, help="radius of the conflict-averse rule around the mean (default 0.4)")
+    p.add_argument(
+        "--site-strategy",
+        choices=[s.value for s in SiteStrategy],
+        help="where sites start / what they deploy, overriding the method's: shared, task, gate, mix "
+        "(chosen on validation), fallback (two tracks, the better on validation deployed)",
+    )
+    p.add_argument(
+        "--min-steps",
+        type=int,
+        help="every site trains at least this many steps a round, overriding the method's (auto: 20)",
+    )
     p.add_argument("--epochs", type=int, help="local epochs per round (default 1)")
     p.add_argument("--batch-size", type=int, help="batch size (default 32)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
@@ -114,6 +134,14 @@ def config_from_args(args: argparse.Namespace) -> PilotConfig:
         overrides["sharing"] = SharingPolicy.from_text(args.shared_layers)
     if args.level2:
         overrides["level2_weighting"] = Level2Weighting(args.level2)
+    if args.level2_rule:
+        overrides["level2_rule"] = Level2Rule(args.level2_rule)
+    if args.site_strategy:
+        overrides["site_strategy"] = SiteStrategy(args.site_strategy)
+    if args.min_steps is not None:
+        overrides["min_steps"] = args.min_steps
+    if args.cagrad_c is not None:
+        overrides["cagrad_c"] = args.cagrad_c
     return replace(base, **overrides)
 
 

@@ -1,17 +1,24 @@
 """Federation methods as presets over the same trainer and aggregator.
 
 Each method is a choice of (what crosses task groups, where a site's decoder starts, the
-decoder regulariser, level-2 weighting). The pilot and the operator both resolve methods
-here, so `method: task-fedavg` means the same thing in a FederationRound and in `mfed pilot`.
+decoder regulariser, level-2 weighting and rule, where a site starts and what it deploys, the
+local steps per round). The pilot and the operator both resolve methods here, so
+`method: task-fedavg` means the same thing in a FederationRound and in `mfed pilot`.
+The cross-task strategies (docs/strategies.md) are presets too; `auto` composes them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from mfed.aggregation.crosstask import Level2Weighting
-from mfed.spec import DecoderSource, Regularizer, SharingMode, SharingPolicy
+from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
+from mfed.aggregation.fedavg import AggregationSettings
+from mfed.spec import DecoderSource, Regularizer, SharingMode, SharingPolicy, SiteStrategy
+
+# auto: every site trains at least this many steps a round (docs/strategies.md: a 40-image site
+# otherwise makes 2 steps a round and federation cannot catch up with a converged Local).
+AUTO_MIN_STEPS = 20
 
 
 class Method(StrEnum):
@@ -19,6 +26,11 @@ class Method(StrEnum):
     TASK_FEDAVG = "task_fedavg"  # FedAvg within each task group only
     ENCODER_FEDAVG = "encoder_fedavg"  # encoder FedAvg over all sites, decoders stay local
     MFED = "mfed"  # M-Fed: level 1 + level 2 + decoder pulled toward the task's decoder
+    CAGRAD = "cagrad"  # M-Fed with conflict-averse level 2
+    GATED = "gated"  # M-Fed sharing only between task groups whose updates agree
+    MIX = "mix"  # M-Fed where each site mixes shared and task-level encoder, chosen on validation
+    FALLBACK = "fallback"  # M-Fed where each site trains both and deploys the better on validation
+    AUTO = "auto"  # the recommended composition: fallback + conflict-averse level 2 + min steps
 
     @classmethod
     def parse(cls, text: str) -> Method:
@@ -28,7 +40,8 @@ class Method(StrEnum):
         try:
             return cls(key)
         except ValueError:
-            raise ValueError(f"unknown method {text!r}; use one of local, task-fedavg, encoder-fedavg, m-fed") from None
+            names = ", ".join(m.value.replace("_", "-") for m in cls)
+            raise ValueError(f"unknown method {text!r}; use one of {names}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +55,26 @@ class MethodPlan:
     regularizer: Regularizer
     mu: float
     level2_weighting: Level2Weighting
+    level2_rule: Level2Rule = Level2Rule.MEAN
+    cagrad_c: float = 0.4
+    gate_threshold: float = 0.0
+    site_strategy: SiteStrategy = SiteStrategy.SHARED
+    min_steps: int = 0
+
+    @property
+    def aggregation(self) -> AggregationSettings:
+        """What the aggregator needs (the operator passes this to `aggregate`)."""
+        return AggregationSettings(
+            level2_weighting=self.level2_weighting,
+            level2_rule=self.level2_rule,
+            cagrad_c=self.cagrad_c,
+            gate_threshold=self.gate_threshold,
+        )
+
+    @property
+    def tracks(self) -> int:
+        """Models each site trains per round (2 for the fallback strategy)."""
+        return 2 if self.site_strategy is SiteStrategy.FALLBACK else 1
 
 
 def plan_method(
@@ -51,8 +84,20 @@ def plan_method(
     mu: float = 0.01,
     regularizer: Regularizer = Regularizer.L2,
     level2_weighting: Level2Weighting = Level2Weighting.UNIFORM,
+    level2_rule: Level2Rule | None = None,
+    site_strategy: SiteStrategy | None = None,
+    min_steps: int | None = None,
+    cagrad_c: float = 0.4,
+    gate_threshold: float = 0.0,
 ) -> MethodPlan:
-    """Resolve a method; `sharing`, `mu`, `regularizer`, `level2_weighting` apply to M-Fed."""
+    """Resolve a method. The other arguments apply to M-Fed and the cross-task presets; None means
+    the preset's own choice (for `mfed`: mean rule, shared start, no minimum steps).
+
+    The presets: `cagrad` = M-Fed + conflict-averse level 2; `gated` = task-level copies + the
+    similarity gate (sites follow it); `mix` = task-level copies + per-site mixing chosen on
+    validation; `fallback` = task-level copies + two tracks, the better deployed; `auto` = the
+    whole encoder shared with task-level copies + fallback + CAGrad + at least AUTO_MIN_STEPS
+    steps a round (docs/strategies.md)."""
     none = SharingPolicy(mode=SharingMode.NONE)
     if method is Method.LOCAL:
         # Each site is its own one-site federation: aggregation returns its own model.
@@ -85,6 +130,19 @@ def plan_method(
             mu=0.0,
             level2_weighting=Level2Weighting.SAMPLES,
         )
+    rule, strategy, steps = {
+        Method.MFED: (Level2Rule.MEAN, SiteStrategy.SHARED, 0),
+        Method.CAGRAD: (Level2Rule.CAGRAD, SiteStrategy.SHARED, 0),
+        Method.GATED: (Level2Rule.GATED, SiteStrategy.GATE, 0),
+        Method.MIX: (Level2Rule.MEAN, SiteStrategy.MIX, 0),
+        Method.FALLBACK: (Level2Rule.MEAN, SiteStrategy.FALLBACK, 0),
+        Method.AUTO: (Level2Rule.CAGRAD, SiteStrategy.FALLBACK, AUTO_MIN_STEPS),
+    }[method]
+    strategy = site_strategy or strategy
+    if method is Method.AUTO:
+        sharing = SharingPolicy()  # the whole encoder may cross tasks: protection decides per site
+    if strategy is not SiteStrategy.SHARED:  # every other start needs the task-level copies
+        sharing = replace(sharing, task_level=True)
     return MethodPlan(
         method=method,
         federated=True,
@@ -93,4 +151,9 @@ def plan_method(
         regularizer=regularizer,
         mu=mu,
         level2_weighting=level2_weighting,
+        level2_rule=level2_rule or rule,
+        cagrad_c=cagrad_c,
+        gate_threshold=gate_threshold,
+        site_strategy=strategy,
+        min_steps=steps if min_steps is None else min_steps,
     )

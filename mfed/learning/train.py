@@ -87,6 +87,15 @@ def compute_losses(
     return {"task": task_loss, "regularizer": regularizer, "total": task_loss + regularizer}
 
 
+def planned_steps(
+    samples: int, *, epochs: int, batch_size: int, min_steps: int = 0, max_steps: int | None = None
+) -> int:
+    """Optimizer steps a site takes in a round: `epochs` passes over its training split, at least
+    `min_steps` (more passes for small sites), never more than `max_steps`."""
+    steps = max(epochs * -(-samples // batch_size), min_steps)
+    return steps if max_steps is None else min(steps, max_steps)
+
+
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     order = torch.randperm(n, generator=generator)
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]

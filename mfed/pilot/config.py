@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mfed.aggregation.crosstask import Level2Weighting
+from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
 from mfed.methods import Method
-from mfed.spec import ArchSpec, Regularizer, SharingPolicy, TaskSpec
+from mfed.spec import ArchSpec, Regularizer, SharingPolicy, SiteStrategy, TaskSpec
 
 # The four Fashion-MNIST tasks of MFED.md.
 COARSE4_LABEL_MAP = [0, 1, 0, 0, 0, 2, 0, 2, 3, 2]  # tops / bottoms / shoes / bags
@@ -44,6 +44,11 @@ class PilotConfig:
     regularizer: Regularizer = Regularizer.L2
     sharing: SharingPolicy = SharingPolicy()
     level2_weighting: Level2Weighting = Level2Weighting.UNIFORM
+    # Cross-task strategy overrides for M-Fed and its presets (None: each preset's own choice).
+    level2_rule: Level2Rule | None = None
+    site_strategy: SiteStrategy | None = None
+    min_steps: int | None = None
+    cagrad_c: float = 0.4
     val_fraction: float = 0.2
     test_samples: int = 2000
     local_min_steps: int = 1000
@@ -68,6 +73,8 @@ class PilotConfig:
             raise PilotConfigError("the Local baseline is required: dm% is measured against it")
         if self.local_min_steps < 0:
             raise PilotConfigError("--local-min-steps must be 0 or more")
+        if self.min_steps is not None and self.min_steps < 0:
+            raise PilotConfigError("--min-steps must be 0 or more")
 
     def samples_for(self, task: str) -> int:
         return self.task_samples.get(task, self.samples_per_site)
@@ -92,6 +99,10 @@ class PilotConfig:
             "regularizer": self.regularizer.value,
             "sharing": self.sharing.to_dict(),
             "level2_weighting": self.level2_weighting.value,
+            "level2_rule": None if self.level2_rule is None else self.level2_rule.value,
+            "site_strategy": None if self.site_strategy is None else self.site_strategy.value,
+            "min_steps": self.min_steps,
+            "cagrad_c": self.cagrad_c,
             "val_fraction": self.val_fraction,
             "test_samples": self.test_samples,
             "local_min_steps": self.local_min_steps,

@@ -17,6 +17,11 @@ METHOD_LABELS = {
     Method.TASK_FEDAVG: "Task-FedAvg (within-task only)",
     Method.ENCODER_FEDAVG: "Encoder-FedAvg (all sites)",
     Method.MFED: "M-Fed",
+    Method.CAGRAD: "M-Fed + conflict-averse level 2",
+    Method.GATED: "M-Fed + similarity gate",
+    Method.MIX: "M-Fed + per-site mixing",
+    Method.FALLBACK: "M-Fed + per-site fallback",
+    Method.AUTO: "auto (recommended)",
 }
 
 
@@ -62,6 +67,18 @@ def _mean_curve(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
     return points
 
 
+def protection_summary(seeds: Mapping[int, MethodRun]) -> dict[str, dict[str, float]]:
+    """Per task, over seeds and the task's sites, what the selected models used: the share that
+    deployed the shared track ("shared") and the mean start mix ("start_alpha"), when recorded."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for run in seeds.values():
+        for site, selection in sorted(run.sites.items()):
+            for key in ("shared", "start_alpha"):
+                if key in selection.evidence:
+                    values.setdefault(task_of(site), {}).setdefault(key, []).append(selection.evidence[key])
+    return {task: {k: statistics.fmean(v) for k, v in sorted(kv.items())} for task, kv in sorted(values.items())}
+
+
 def summarize(
     runs: Sequence[MethodRun],
     config: Mapping[str, Any],
@@ -89,11 +106,18 @@ def summarize(
             "steps_per_site": max(max(r.steps_per_site.values()) for r in seeds.values()),
             "selected": {
                 str(s): {
-                    site: {"round": sel.round, "steps": sel.steps, "val": sel.val, "test": sel.test}
+                    site: {
+                        "round": sel.round,
+                        "steps": sel.steps,
+                        "val": sel.val,
+                        "test": sel.test,
+                        **({"evidence": sel.evidence} if sel.evidence else {}),
+                    }
                     for site, sel in sorted(r.sites.items())
                 }
                 for s, r in sorted(seeds.items())
             },
+            "protection": protection_summary(seeds),
             "per_round": _mean_curve(list(seeds.values())),
         }
     return {
@@ -125,6 +149,14 @@ def format_table(results: Mapping[str, Any]) -> str:
     lines.insert(1, "-" * len(lines[0]))
     seeds = ", ".join(next(iter(results["methods"].values()))["metrics_per_seed"])
     lines.append(f"mean over seeds {seeds}; each site's model chosen on its own validation split")
+    for method in results["methods"].values():
+        protection = method.get("protection") or {}
+        if any("shared" in v for v in protection.values()):
+            used = ", ".join(f"{t} {100 * v['shared']:.0f}%" for t, v in protection.items() if "shared" in v)
+            lines.append(f"{method['label']}: selected models on the shared track (per-site fallback): {used}")
+        elif any("start_alpha" in v for v in protection.values()):
+            used = ", ".join(f"{t} {v['start_alpha']:.2f}" for t, v in protection.items() if "start_alpha" in v)
+            lines.append(f"{method['label']}: mean share of the shared encoder in the selected models: {used}")
     return "\n".join(lines)
 
 

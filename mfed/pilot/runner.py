@@ -27,12 +27,13 @@ from mfed_trainer.site_round import (
     write_global_model,
 )
 
-from mfed.aggregation.fedavg import AggregationSettings, ContributionSource, aggregate
+from mfed.aggregation.fedavg import ContributionSource, aggregate
 from mfed.artifacts.layout import DECODER_FILE, MANIFEST_FILE, global_prefix, join, round_prefix, site_prefix
 from mfed.artifacts.manifest import ContributionManifest
 from mfed.learning.data import SiteData
 from mfed.learning.encoders import build_encoder
 from mfed.learning.tasks import build_task
+from mfed.learning.train import planned_steps
 from mfed.methods import Method, MethodPlan, plan_method
 from mfed.pilot.config import PILOT_TASKS, PilotConfig
 from mfed.seeding import derive_seed
@@ -68,6 +69,9 @@ class SiteSelection:
     steps: int = 0
     val: float | None = None
     test: float = math.nan
+    # The site's protection choice for the selected model, e.g. {"shared": 1.0} when a two-track
+    # site deployed its shared track, {"start_alpha": 0.5} for a mixed start (mfed_trainer).
+    evidence: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -109,10 +113,40 @@ def steps_per_round(config: PilotConfig, samples: int) -> int:
     return config.epochs * -(-train // config.batch_size)
 
 
+def plan_for(config: PilotConfig, method: Method) -> MethodPlan:
+    return plan_method(
+        method,
+        sharing=config.sharing,
+        mu=config.mu,
+        regularizer=config.regularizer,
+        level2_weighting=config.level2_weighting,
+        level2_rule=config.level2_rule,
+        site_strategy=config.site_strategy,
+        min_steps=config.min_steps,
+        cagrad_c=config.cagrad_c,
+    )
+
+
+def federated_steps(config: PilotConfig, samples: int) -> int:
+    """The most optimizer steps any federated method of the run gives a site of this size in
+    total: rounds x steps per round (raised by min_steps) x the models it trains (two tracks)."""
+    train = samples - max(1, round(samples * config.val_fraction))
+    most = 0
+    for method in config.methods:
+        plan = plan_for(config, method)
+        if plan.federated:
+            per_round = planned_steps(
+                train, epochs=config.epochs, batch_size=config.batch_size, min_steps=plan.min_steps
+            )
+            most = max(most, config.rounds * per_round * plan.tracks)
+    return most
+
+
 def local_rounds(config: PilotConfig, samples: int) -> int:
     """Rounds (of `epochs` each) a Local site trains: never fewer steps than a federated site of
-    the same size gets, and at least `local_min_steps`."""
-    return max(config.rounds, -(-config.local_min_steps // steps_per_round(config, samples)))
+    the same size gets in total (min_steps and two tracks included), and at least `local_min_steps`."""
+    budget = max(config.local_min_steps, federated_steps(config, samples))
+    return max(config.rounds, -(-budget // steps_per_round(config, samples)))
 
 
 def curve_checkpoints(rounds: int, points: int) -> dict[int, int]:
@@ -150,6 +184,8 @@ class Federation:
             device=config.device,
             delta_dtype=config.delta_dtype,
             val_fraction=config.val_fraction,
+            min_steps=plan.min_steps,
+            site_strategy=plan.site_strategy,
         )
 
     def _prefix(self, round_number: int) -> str:
@@ -212,7 +248,7 @@ class Federation:
             tensors,
             round_number,
             [self._source(s, round_number) for s in self.sites],
-            AggregationSettings(level2_weighting=self.plan.level2_weighting),
+            self.plan.aggregation,
         )
         if aggregated.manifest.rejected:
             raise RuntimeError(f"pilot contribution rejected: {aggregated.manifest.rejected[0]}")
@@ -265,8 +301,9 @@ def _select(
     The test score may be filled in later (nan until then): selection never looks at it."""
     if not _improves(run.sites.get(site), scores["val"], higher_is_better):
         return False
+    evidence = {k: v for k, v in sorted(scores.items()) if k not in ("val", "test")}
     run.sites[site] = SiteSelection(
-        round=round_number, steps=steps, val=scores["val"], test=scores.get("test", math.nan)
+        round=round_number, steps=steps, val=scores["val"], test=scores.get("test", math.nan), evidence=evidence
     )
     return True
 
@@ -279,13 +316,7 @@ def run_method(
     higher_is_better: dict[str, bool],
     on_site_round: SiteRoundCallback,
 ) -> MethodRun:
-    plan = plan_method(
-        method,
-        sharing=config.sharing,
-        mu=config.mu,
-        regularizer=config.regularizer,
-        level2_weighting=config.level2_weighting,
-    )
+    plan = plan_for(config, method)
     sites = pilot_sites(config, seed)
     run = MethodRun(method=method, seed=seed)
     # Local: each site is a federation of one, trained for its Local budget.

@@ -11,13 +11,13 @@ from __future__ import annotations
 import copy
 import platform
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 import mfed
-from mfed.aggregation.ownership import layout_global, task_view
+from mfed.aggregation.ownership import SHARED_TRACK, dual_keys, layout_global, shared_view, task_view
 from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, MANIFEST_FILE, MODEL_FILE, join
 from mfed.artifacts.manifest import (
     ContributionManifest,
@@ -38,10 +38,19 @@ from mfed.learning.data import DataError, SiteData, load_site_data
 from mfed.learning.decoders import build_decoder
 from mfed.learning.encoders import ArchError, build_encoder
 from mfed.learning.model import SiteModel, build_site_model, load_part, part_state, signature
+from mfed.learning.protection import choose_mix, is_better, mix_encoders
 from mfed.learning.tasks import Task, TaskError, build_task
-from mfed.learning.train import Objective, ProgressCallback, evaluate, pick_device, train_local
+from mfed.learning.train import (
+    Objective,
+    ProgressCallback,
+    TrainStats,
+    evaluate,
+    pick_device,
+    planned_steps,
+    train_local,
+)
 from mfed.seeding import derive_seed
-from mfed.spec import DataSpec, DecoderSource, InitSpec, RoundSpec, SpecError
+from mfed.spec import DataSpec, DecoderSource, InitSpec, RoundSpec, SiteStrategy, SpecError
 from mfed.storage import NotFound, Storage
 
 
@@ -148,16 +157,22 @@ def _check_task_matches(spec: RoundSpec, info: TaskGroupInfo) -> None:
         )
 
 
-def _start_decoder(
+def _start_decoders(
     storage: Storage, spec: RoundSpec, global_decoder: dict[str, np.ndarray]
-) -> tuple[dict[str, np.ndarray], str]:
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
+    """The decoders the site's task-level track and shared track start from, and their origin.
+
+    The site's decoder file holds `decoder.*` and, after a two-track round, `shared.decoder.*`."""
     if spec.training.decoder_source is DecoderSource.OWN and spec.previous_decoder:
         try:
             own = decode_tensors(storage.read(spec.previous_decoder)).tensors
-            return dict(own), "own"
         except NotFound:
             pass  # first round at this site: start from the task's global decoder
-    return global_decoder, "global"
+        else:
+            first = {k: v for k, v in own.items() if not k.startswith(SHARED_TRACK)}
+            second = {k.removeprefix(SHARED_TRACK): v for k, v in own.items() if k.startswith(SHARED_TRACK)}
+            return first, second or first, "own"
+    return global_decoder, global_decoder, "global"
 
 
 def load_site_splits(data: DataSpec, site: str, val_fraction: float, storage: Storage) -> SiteData:
@@ -185,6 +200,15 @@ def run_site_round(
 
 
 @dataclass(frozen=True)
+class Track:
+    """A second model a two-track site trains (SiteStrategy.FALLBACK): the shared encoder E_G
+    with the site's shared-track decoder."""
+
+    model: SiteModel
+    start_encoder: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
 class StartState:
     """A site's model as a round starts: global encoder + starting decoder, and D_tau."""
 
@@ -195,17 +219,31 @@ class StartState:
     start_encoder: dict[str, np.ndarray]
     task_decoder: dict[str, np.ndarray]
     decoder_origin: str  # "own" (the site's decoder from last round) or "global" (D_tau)
+    start_mix: dict[str, float] = field(default_factory=dict)  # for the manifest (task-level copies only)
+    shared: Track | None = None  # the shared track of a two-track site
+    dual: tuple[str, ...] = ()  # encoder parameters present both shared and at the task level
+    evidence: dict[str, float] = field(default_factory=dict)  # why this start: goes into the metrics
 
 
-def prepare_start(spec: RoundSpec, storage: Storage) -> StartState:
-    """Load the global model and assemble the model this site starts the round from."""
+def prepare_start(spec: RoundSpec, storage: Storage, data: SiteData | None = None) -> StartState:
+    """Load the global model and assemble the model this site starts the round from.
+
+    `data` is needed by the mix strategy, which chooses its start on the validation split."""
     try:
-        return _prepare(spec, storage)
+        return _prepare(spec, storage, data)
     except INPUT_ERRORS as exc:
         raise BadInput(str(exc)) from exc
 
 
-def _prepare(spec: RoundSpec, storage: Storage) -> StartState:
+def _gate_open(manifest: GlobalManifest, task: str) -> bool:
+    """Whether the aggregator's similarity gate let `task` share in the round that made `manifest`."""
+    gates = manifest.aggregation.get("gateOpen")
+    if isinstance(gates, dict) and isinstance(gates.get(task), bool):
+        return bool(gates[task])
+    return True  # no gate ran (first round, or another rule): nothing has closed it
+
+
+def _prepare(spec: RoundSpec, storage: Storage, data: SiteData | None) -> StartState:
     global_manifest, global_tensors = read_global_model(storage, spec.global_model)
     if global_manifest.federation != spec.federation:
         raise BadInput(f"global model belongs to federation {global_manifest.federation!r}, not {spec.federation!r}")
@@ -219,19 +257,75 @@ def _prepare(spec: RoundSpec, storage: Storage) -> StartState:
     model, task = build_site_model(spec.encoder, spec.task, spec.decoder)
     global_manifest.encoder_signature.require_equal(signature(model, "encoder"), "encoder")
     info.decoder_signature.require_equal(signature(model, "decoder"), "decoder")
-    start_encoder = task_view(global_tensors, spec.task.name, "encoder")
+    task_level = task_view(global_tensors, spec.task.name, "encoder")
     task_decoder = task_view(global_tensors, spec.task.name, "decoder")
-    load_part(model, "encoder", start_encoder)
-    start_decoder, decoder_origin = _start_decoder(storage, spec, task_decoder)
+    start_decoder, shared_decoder, decoder_origin = _start_decoders(storage, spec, task_decoder)
     load_part(model, "decoder", start_decoder)
+    dual = tuple(dual_keys(global_tensors, spec.task.name))
+    strategy = spec.training.site_strategy
+    if not dual:
+        if strategy is not SiteStrategy.SHARED:
+            raise BadInput(
+                f"siteStrategy {strategy.value} needs task-level copies of the shared encoder parameters "
+                "(sharing.taskLevel: true, and at least one shared parameter)"
+            )
+        load_part(model, "encoder", task_level)
+        return StartState(
+            global_manifest=global_manifest,
+            info=info,
+            model=model,
+            task=task,
+            start_encoder=task_level,
+            task_decoder=task_decoder,
+            decoder_origin=decoder_origin,
+        )
+    shared = shared_view(global_tensors, spec.task.name)
+    alpha, evidence, track = 0.0, {}, None
+    if strategy is SiteStrategy.SHARED:
+        alpha = 1.0
+    elif strategy is SiteStrategy.GATE:
+        alpha = 1.0 if _gate_open(global_manifest, spec.task.name) else 0.0
+        evidence["gate_open"] = alpha
+    elif strategy is SiteStrategy.MIX:
+        if data is None:
+            raise BadInput("siteStrategy mix chooses its start on the validation split: the site's data is needed")
+        choice = choose_mix(
+            model,
+            task,
+            data,
+            shared,
+            task_level,
+            dual,
+            batch_size=spec.training.batch_size,
+            learning_rate=spec.training.learning_rate,
+            device=pick_device(spec.training.device),
+            # Seeded by the model it looks at, not by the round number: scoring the same artifacts
+            # later (the pilot re-scores a kept model) must make the same choice.
+            seed=derive_seed(spec.training.seed, spec.site, "probe", global_manifest.digest),
+            eval_seed=derive_seed("eval", spec.site),
+        )
+        alpha = choice.alpha
+        evidence |= {f"probe_val_a{round(a * 100):03d}": v for a, v in sorted(choice.scores.items())}
+    elif strategy is SiteStrategy.FALLBACK:
+        second = copy.deepcopy(model)
+        load_part(second, "encoder", shared)
+        load_part(second, "decoder", shared_decoder)
+        track = Track(model=second, start_encoder=shared)
+    start = mix_encoders(shared, task_level, alpha, dual) if alpha else task_level
+    load_part(model, "encoder", start)
+    evidence["start_alpha"] = alpha
     return StartState(
         global_manifest=global_manifest,
         info=info,
         model=model,
         task=task,
-        start_encoder=start_encoder,
+        start_encoder=start,
         task_decoder=task_decoder,
         decoder_origin=decoder_origin,
+        start_mix={"encoder.": alpha} if alpha else {},
+        shared=track,
+        dual=dual,
+        evidence=evidence,
     )
 
 
@@ -239,15 +333,24 @@ def evaluate_start(
     spec: RoundSpec, storage: Storage, data: SiteData, *, want_test: Callable[[float], bool] = lambda val: True
 ) -> dict[str, float]:
     """Score the model a site would start `spec`'s round from: validation, and test when present
-    and `want_test(validation score)` says so (test scoring is the expensive part)."""
-    state = prepare_start(spec, storage)
+    and `want_test(validation score)` says so (test scoring is the expensive part).
+
+    The model scored is the one the site deploys: for a two-track site the track that is better
+    on validation ("shared": 1.0 when it is the shared track); "alpha" is the start mix."""
+    state = prepare_start(spec, storage, data)
     device = pick_device(spec.training.device)
-    val = evaluate(state.model, state.task, data.val, device=device, seed=derive_seed("eval", spec.site))
-    scores = {"val": val}
-    if data.test is not None and want_test(val):
-        scores["test"] = evaluate(
-            state.model, state.task, data.test, device=device, seed=derive_seed("test", spec.task.name)
-        )
+    eval_seed = derive_seed("eval", spec.site)
+    model = state.model
+    val = evaluate(model, state.task, data.val, device=device, seed=eval_seed)
+    scores = {"val": val, **state.evidence}
+    if state.shared is not None:
+        shared_val = evaluate(state.shared.model, state.task, data.val, device=device, seed=eval_seed)
+        scores["val_task_track"], scores["val_shared_track"] = val, shared_val
+        scores["shared"] = 0.0
+        if is_better(state.task, shared_val, val):
+            model, scores["val"], scores["shared"] = state.shared.model, shared_val, 1.0
+    if data.test is not None and want_test(scores["val"]):
+        scores["test"] = evaluate(model, state.task, data.test, device=device, seed=derive_seed("test", spec.task.name))
     return scores
 
 
@@ -258,15 +361,15 @@ def _run(
     existing = _existing_upload(storage, spec, base_manifest.model.sha256)
     if existing is not None:
         return SiteRoundResult(manifest=existing, reused=True)
-    state = _prepare(spec, storage)
+    if data is None:
+        data = load_site_splits(spec.data, spec.site, spec.training.val_fraction, storage)
+    state = _prepare(spec, storage, data)
     model, task, info = state.model, state.task, state.info
     device = pick_device(spec.training.device)
     global_decoder = copy.deepcopy(model.decoder)
     load_part(SiteModel(model.encoder, global_decoder), "decoder", state.task_decoder)
 
     seed = derive_seed(spec.training.seed, spec.federation, spec.site, spec.round)
-    if data is None:
-        data = load_site_splits(spec.data, spec.site, spec.training.val_fraction, storage)
     eval_seed = derive_seed("eval", spec.site)
     metrics: dict[str, float] = {"val_before": evaluate(model, task, data.val, device=device, seed=eval_seed)}
     if data.test is not None:
@@ -274,19 +377,31 @@ def _run(
         metrics["test_before"] = evaluate(model, task, data.test, device=device, seed=test_seed)
 
     objective = Objective(regularizer=spec.training.regularizer, mu=spec.training.mu, global_decoder=global_decoder)
-    stats = train_local(
-        model,
-        task,
-        data.train,
+    steps = planned_steps(
+        len(data.train),
         epochs=spec.training.epochs,
         batch_size=spec.training.batch_size,
-        learning_rate=spec.training.learning_rate,
-        objective=objective,
-        device=device,
-        seed=seed,
+        min_steps=spec.training.min_steps,
         max_steps=spec.training.max_steps,
-        progress=progress,
     )
+    per_epoch = -(-len(data.train) // spec.training.batch_size)
+
+    def train(site_model: SiteModel, track_seed: int) -> TrainStats:
+        return train_local(
+            site_model,
+            task,
+            data.train,
+            epochs=-(-steps // per_epoch),
+            batch_size=spec.training.batch_size,
+            learning_rate=spec.training.learning_rate,
+            objective=objective,
+            device=device,
+            seed=track_seed,
+            max_steps=steps,
+            progress=progress,
+        )
+
+    stats = train(model, seed)
     metrics["val_after"] = evaluate(model, task, data.val, device=device, seed=eval_seed)
     metrics.update(
         {
@@ -295,14 +410,21 @@ def _run(
             "steps": float(stats.steps),
             "train_seconds": stats.seconds,
             "val_samples": float(len(data.val)),
+            **state.evidence,
         }
     )
 
     end_encoder = part_state(model, "encoder")
     delta = {k: end_encoder[k] - state.start_encoder[k] for k in sorted(end_encoder)}
+    decoder = part_state(model, "decoder")
+    if state.shared is not None:
+        shared_delta, shared_decoder = _train_shared_track(
+            state, train, lambda m: evaluate(m, task, data.val, device=device, seed=eval_seed), seed, metrics
+        )
+        delta, decoder = delta | shared_delta, decoder | shared_decoder
     delta_dtype = StoredDtype.parse(spec.training.delta_dtype)
     delta_bytes = encode_tensors(delta, float_dtype=delta_dtype)
-    decoder_bytes = encode_tensors(part_state(model, "decoder"))
+    decoder_bytes = encode_tensors(decoder)
     manifest = ContributionManifest(
         federation=spec.federation,
         round=spec.round,
@@ -317,6 +439,7 @@ def _run(
         decoder=FileRef(name=DECODER_FILE, sha256=sha256_hex(decoder_bytes), size=len(decoder_bytes)),
         delta_dtype=delta_dtype.value,
         metrics=metrics,
+        start_mix=state.start_mix,
         trainer={
             **_trainer_info(device),
             "metric": task.metric_name,
@@ -328,3 +451,27 @@ def _run(
     storage.write(join(spec.output, DECODER_FILE), decoder_bytes)
     storage.write(join(spec.output, MANIFEST_FILE), manifest.to_json().encode())
     return SiteRoundResult(manifest=manifest, reused=False)
+
+
+def _train_shared_track(
+    state: StartState,
+    train: Callable[[SiteModel, int], TrainStats],
+    score: Callable[[SiteModel], float],
+    seed: int,
+    metrics: dict[str, float],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Train the shared track of a two-track site. Returns what joins the upload under `shared.`:
+    its delta from E_G (dual parameters only) and its decoder; the evidence for the site's
+    choice between the tracks joins `metrics` (both scored on the site's validation split)."""
+    assert state.shared is not None
+    track = state.shared
+    metrics["val_before_shared"] = score(track.model)
+    stats = train(track.model, derive_seed(seed, "shared"))
+    metrics["val_after_shared"] = score(track.model)
+    metrics["steps"] += float(stats.steps)
+    metrics["train_seconds"] += stats.seconds
+    metrics["deploy_shared"] = float(is_better(state.task, metrics["val_after_shared"], metrics["val_after"]))
+    end = part_state(track.model, "encoder")
+    delta = {SHARED_TRACK + k: end[k] - track.start_encoder[k] for k in state.dual}
+    decoder = {SHARED_TRACK + k: v for k, v in part_state(track.model, "decoder").items()}
+    return delta, decoder

@@ -1,0 +1,272 @@
+"""Per-site protection (mix, fallback, gate) in the trainer, and strategy state kept in artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mfed_trainer import site_round
+from mfed_trainer.site_round import (
+    BadInput,
+    evaluate_start,
+    init_global_model,
+    load_site_splits,
+    prepare_start,
+    read_global_model,
+    run_site_round,
+    write_global_model,
+)
+
+from mfed.aggregation.crosstask import Level2Rule
+from mfed.aggregation.fedavg import AggregationSettings, ContributionSource, aggregate
+from mfed.artifacts.layout import MANIFEST_FILE, join
+from mfed.artifacts.manifest import ContributionManifest, GlobalManifest
+from mfed.artifacts.tensorfile import decode_tensors, encode_tensors, sha256_hex
+from mfed.learning import protection
+from mfed.learning.protection import choose_mix, mix_encoders
+from mfed.learning.train import planned_steps
+from mfed.spec import (
+    ArchSpec,
+    DataSpec,
+    InitSpec,
+    RoundSpec,
+    SharingMode,
+    SharingPolicy,
+    SiteStrategy,
+    TaskGroupSpec,
+    TaskSpec,
+    TrainingSpec,
+)
+from mfed.storage import Storage
+from tests.unit.factories import make_base, make_contribution
+
+CLS = TaskGroupSpec(task=TaskSpec(name="cls10", type="classification"), decoder=ArchSpec(name="mlp"))
+DENOISE = TaskGroupSpec(task=TaskSpec(name="denoise", type="denoise"), decoder=ArchSpec(name="upsample"))
+DUAL = SharingPolicy(task_level=True)
+
+
+def _init(root: Path, sharing: SharingPolicy = DUAL) -> None:
+    spec = InitSpec(
+        federation="fed",
+        encoder=ArchSpec(name="small_cnn"),
+        groups=(CLS, DENOISE),
+        sharing=sharing,
+        seed=7,
+        output=str(root / "r0" / "global"),
+    )
+    write_global_model(Storage(), spec.output, *init_global_model(spec))
+
+
+def _round(root: Path, strategy: SiteStrategy, site="cls-a", group=CLS, round_number=1, **training) -> RoundSpec:
+    previous = str(root / f"r{round_number - 1}" / "sites" / site / "decoder.safetensors") if round_number > 1 else None
+    return RoundSpec(
+        federation="fed",
+        round=round_number,
+        site=site,
+        task=group.task,
+        encoder=ArchSpec(name="small_cnn"),
+        decoder=group.decoder,
+        training=TrainingSpec(site_strategy=strategy, device="cpu", **training),
+        data=DataSpec(shard_index=0 if group is CLS else 1, shard_count=8, samples=64, test_samples=20),
+        global_model=str(root / f"r{round_number - 1}" / "global"),
+        previous_decoder=previous,
+        output=str(root / f"r{round_number}" / "sites" / site),
+    )
+
+
+def _source(storage: Storage, prefix: str, site: str) -> ContributionSource:
+    return ContributionSource(
+        site=site,
+        read_manifest=lambda: ContributionManifest.from_json(storage.read(join(prefix, MANIFEST_FILE))),
+        read_files=lambda m: (storage.read(join(prefix, m.delta.name)), storage.read(join(prefix, m.decoder.name))),
+    )
+
+
+def _rewrite_global(root: Path, round_dir: str, change) -> None:
+    """Write a copy of round 0's global model under `round_dir`, its tensors and manifest changed."""
+    storage = Storage()
+    manifest, tensors = read_global_model(storage, str(root / "r0" / "global"))
+    tensors, aggregation = change(dict(tensors), dict(manifest.aggregation))
+    data = encode_tensors(tensors)
+    model = type(manifest.model)(name=manifest.model.name, sha256=sha256_hex(data), size=len(data))
+    fields = {**manifest.__dict__, "model": model, "aggregation": aggregation}
+    write_global_model(storage, str(root / round_dir / "global"), data, GlobalManifest(**fields))
+
+
+def test_mix_encoders_interpolates_only_the_parameters_held_both_shared_and_per_task():
+    shared = {"encoder.a": np.array([1.0, 3.0]), "encoder.b": np.array([5.0])}
+    task = {"encoder.a": np.array([0.0, 1.0]), "encoder.b": np.array([7.0])}
+    mixed = mix_encoders(shared, task, 0.25, ["encoder.a"])
+    np.testing.assert_allclose(mixed["encoder.a"], [0.25, 1.5])  # 0.25 * shared + 0.75 * task
+    np.testing.assert_allclose(mixed["encoder.b"], [7.0])  # not dual: the task level's own
+
+
+class _Task:
+    def __init__(self, higher_is_better: bool) -> None:
+        self.higher_is_better = higher_is_better
+
+
+@pytest.mark.parametrize(
+    ("scores", "higher_is_better", "expected"),
+    [
+        ({0.0: 50.0, 0.5: 60.0, 1.0: 55.0}, True, 0.5),
+        ({0.0: 60.0, 0.5: 60.0, 1.0: 60.0}, True, 0.0),  # ties: the least sharing
+        ({0.0: 0.30, 0.5: 0.20, 1.0: 0.10}, False, 1.0),  # lower is better (e.g. an error)
+    ],
+)
+def test_mix_choice_takes_the_best_probed_validation_score(monkeypatch, scores, higher_is_better, expected):
+    # The fake probe reads alpha back from the mixed encoder: shared = 1, task level = 0.
+    monkeypatch.setattr(protection, "probe_score", lambda _m, _t, _d, enc, **_kw: scores[float(enc["encoder.w"][0])])
+    choice = choose_mix(
+        None,  # type: ignore[arg-type]
+        _Task(higher_is_better),  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        {"encoder.w": np.ones(1)},
+        {"encoder.w": np.zeros(1)},
+        ["encoder.w"],
+        batch_size=32,
+        learning_rate=1e-3,
+        device=None,  # type: ignore[arg-type]
+        seed=0,
+        eval_seed=0,
+    )
+    assert choice.alpha == expected and choice.scores == scores
+
+
+def test_planned_steps_give_small_sites_more_passes_and_respect_the_cap():
+    assert planned_steps(40, epochs=1, batch_size=32) == 2
+    assert planned_steps(40, epochs=1, batch_size=32, min_steps=20) == 20
+    assert planned_steps(2400, epochs=1, batch_size=32, min_steps=20) == 75  # large sites: unchanged
+    assert planned_steps(40, epochs=1, batch_size=32, min_steps=20, max_steps=5) == 5
+
+
+def _fake_evaluate(monkeypatch):
+    """Score = mean of the first encoder weight, so a test controls which track scores better."""
+    monkeypatch.setattr(
+        site_round,
+        "evaluate",
+        lambda model, _task, _split, **_kw: float(next(model.encoder.parameters()).detach().mean()),
+    )
+
+
+@pytest.mark.parametrize(
+    ("shared_value", "task_value", "deployed"), [(0.5, 1.0, 0.0), (1.0, 0.5, 1.0), (0.7, 0.7, 0.0)]
+)
+def test_a_two_track_site_deploys_the_track_that_scores_better_on_its_own_validation(
+    tmp_path, monkeypatch, shared_value, task_value, deployed
+):
+    _init(tmp_path)
+
+    def change(tensors, aggregation):
+        for key in list(tensors):
+            if key.startswith("encoder."):
+                tensors[key] = np.full_like(tensors[key], shared_value)
+            elif key.startswith("tasks.cls10.encoder."):
+                tensors[key] = np.full_like(tensors[key], task_value)
+        return tensors, aggregation
+
+    _rewrite_global(tmp_path, "r5", change)
+    _fake_evaluate(monkeypatch)
+    spec = _round(tmp_path, SiteStrategy.FALLBACK, round_number=6)
+    data = load_site_splits(spec.data, spec.site, spec.training.val_fraction, Storage())
+    scores = evaluate_start(spec, Storage(), data)
+    assert scores["shared"] == deployed  # ties keep the task level
+    assert scores["val"] == pytest.approx(max(shared_value, task_value))
+    assert (scores["val_task_track"], scores["val_shared_track"]) == pytest.approx((task_value, shared_value))
+
+
+def test_a_two_track_round_uploads_both_tracks_and_its_evidence_and_the_aggregator_accepts_it(tmp_path):
+    _init(tmp_path)
+    storage = Storage()
+    specs = [_round(tmp_path, SiteStrategy.FALLBACK), _round(tmp_path, SiteStrategy.FALLBACK, "den-a", DENOISE)]
+    for spec in specs:
+        manifest = run_site_round(spec, storage).manifest
+        assert manifest.start_mix == {}  # the task-level track starts from the task level
+        assert {"val_after", "val_after_shared", "deploy_shared", "start_alpha"} <= set(manifest.metrics)
+        assert manifest.metrics["steps"] == 4  # two tracks of 2 steps (51 images, batch 32)
+        delta = decode_tensors(storage.read(join(spec.output, "delta.safetensors"))).tensors
+        assert any(k.startswith("shared.encoder.") for k in delta) and any(k.startswith("encoder.") for k in delta)
+    base, tensors = read_global_model(storage, specs[0].global_model)
+    result = aggregate(base, tensors, 1, [_source(storage, s.output, s.site) for s in specs])
+    assert not result.manifest.rejected
+    # One site per task: the task-level copy is exactly the site's task-level track.
+    own = decode_tensors(storage.read(join(specs[0].output, "delta.safetensors"))).tensors
+    key = "encoder.stages.0.0.weight"
+    np.testing.assert_allclose(
+        result.tensors[f"tasks.cls10.{key}"], tensors[f"tasks.cls10.{key}"] + own[key], atol=1e-6
+    )
+
+
+def test_the_shared_track_decoder_persists_in_the_sites_own_decoder_file(tmp_path):
+    _init(tmp_path)
+    storage = Storage()
+    run_site_round(_round(tmp_path, SiteStrategy.FALLBACK), storage)
+    _rewrite_global(tmp_path, "r1", lambda t, a: (t, a))
+    uploaded = decode_tensors(storage.read(str(tmp_path / "r1" / "sites" / "cls-a" / "decoder.safetensors"))).tensors
+    state = prepare_start(_round(tmp_path, SiteStrategy.FALLBACK, round_number=2), storage)
+    assert state.shared is not None
+    for name, value in state.shared.model.decoder.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), uploaded[f"shared.decoder.{name}"])
+    for name, value in state.model.decoder.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), uploaded[f"decoder.{name}"])
+
+
+def test_a_mix_round_records_its_probe_and_start_and_scoring_makes_the_same_choice(tmp_path):
+    _init(tmp_path)
+    storage = Storage()
+    spec = _round(tmp_path, SiteStrategy.MIX)
+    data = load_site_splits(spec.data, spec.site, spec.training.val_fraction, storage)
+    manifest = run_site_round(spec, storage, data=data).manifest
+    alpha = manifest.metrics["start_alpha"]
+    assert alpha in (0.0, 0.5, 1.0) and manifest.start_mix == ({"encoder.": alpha} if alpha else {})
+    assert {"probe_val_a000", "probe_val_a050", "probe_val_a100"} <= set(manifest.metrics)
+    assert evaluate_start(spec, storage, data)["start_alpha"] == alpha  # deterministic: same artifacts, same choice
+
+
+@pytest.mark.parametrize(("gate_open", "expected_mix"), [(True, {"encoder.": 1.0}), (False, {})])
+def test_a_gate_site_shares_only_while_the_aggregator_kept_its_task_in(tmp_path, gate_open, expected_mix):
+    _init(tmp_path)
+    _rewrite_global(tmp_path, "r1", lambda t, a: (t, {**a, "gateOpen": {"cls10": gate_open}}))
+    state = prepare_start(_round(tmp_path, SiteStrategy.GATE, round_number=2), Storage())
+    assert state.start_mix == expected_mix and state.evidence["gate_open"] == float(gate_open)
+
+
+def test_a_protection_strategy_on_a_model_without_task_level_copies_is_bad_input(tmp_path):
+    _init(tmp_path, SharingPolicy())
+    with pytest.raises(BadInput, match="taskLevel"):
+        prepare_start(_round(tmp_path, SiteStrategy.FALLBACK), Storage())
+
+
+def test_the_gate_state_survives_a_restart_because_it_travels_in_the_global_manifest():
+    # Round 1: a and b disagree (cosine -1): both gates close, agreement -1 each.
+    # Round 2 (after a JSON round trip of the manifest, as the operator reads it from S3):
+    # they agree (cosine 1); with momentum 0.5 the smoothed agreement is 0.5 * -1 + 0.5 * 1 = 0.
+    base, tensors, _ = make_base(SharingPolicy(mode=SharingMode.DEPTH, depth=1, task_level=True))
+    settings = AggregationSettings(level2_rule=Level2Rule.GATED, gate_momentum=0.5)
+    rng = np.random.default_rng(0)
+
+    def run(base, tensors, round_number, sign):
+        sources = []
+        for site, task, value in (("a-1", "a", 1.0), ("b-1", "b", sign)):
+            delta = {
+                k: np.full(v.shape, value, dtype=np.float32) for k, v in tensors.items() if k.startswith("encoder.")
+            }
+            delta |= {
+                k.removeprefix("tasks.a.").removeprefix("tasks.b."): np.zeros(v.shape, np.float32)
+                for k, v in tensors.items()
+                if k.startswith(f"tasks.{task}.encoder.") and k.removeprefix(f"tasks.{task}.") not in delta
+            }
+            m, d, c, _, _ = make_contribution(base, site, task, 10, rng, round_number=round_number, delta=delta)
+            sources.append(
+                ContributionSource(site=site, read_manifest=lambda m=m: m, read_files=lambda _m, d=d, c=c: (d, c))
+            )
+        return aggregate(base, tensors, round_number, sources, settings)
+
+    first = run(base, tensors, 1, -1.0)
+    assert first.manifest.aggregation["gate"]["agreement"] == pytest.approx({"a": -1.0, "b": -1.0})
+    assert first.manifest.aggregation["level2Weights"] == {"a": 0.0, "b": 0.0}
+    restarted = GlobalManifest.from_json(first.manifest.to_json())
+    second = run(restarted, dict(first.tensors), 2, 1.0)
+    assert second.manifest.aggregation["gate"]["agreement"] == pytest.approx({"a": 0.0, "b": 0.0})
+    assert second.manifest.aggregation["gateOpen"] == {"a": True, "b": True}  # 0.0 >= threshold 0.0

@@ -96,6 +96,12 @@ def _pilot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=int,
         help="Local trains at least this many steps per site, and never fewer than any federated method (default 1000)",
     )
+    p.add_argument(
+        "--local-budget",
+        choices=["model", "site"],
+        help="for two-track methods (auto, fallback), match Local's steps to the deployed model's (model, "
+        "default) or to all the site's steps (site)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/pilot"), help="output directory (default runs/pilot)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -117,6 +123,7 @@ def config_from_args(args: argparse.Namespace) -> PilotConfig:
         ("learning_rate", args.lr),
         ("test_samples", args.test_samples),
         ("local_min_steps", args.local_min_steps),
+        ("local_budget", args.local_budget),
     ):
         if value is not None:
             overrides[field_name] = value

@@ -52,6 +52,10 @@ class PilotConfig:
     val_fraction: float = 0.2
     test_samples: int = 2000
     local_min_steps: int = 1000
+    # What "Local gets at least the steps of any federated method" counts for a site that trains
+    # two models a round (fallback, auto): "model" = the steps of the model it deploys (default),
+    # "site" = all its optimizer steps (twice as many; the stricter, compute-matched reading).
+    local_budget: str = "model"
     device: str = "auto"
     delta_dtype: str = "float32"  # what sites upload: float32, float16 or bfloat16 deltas
     encoder: ArchSpec = ArchSpec(name="small_cnn")
@@ -73,6 +77,8 @@ class PilotConfig:
             raise PilotConfigError("the Local baseline is required: dm% is measured against it")
         if self.local_min_steps < 0:
             raise PilotConfigError("--local-min-steps must be 0 or more")
+        if self.local_budget not in ("model", "site"):
+            raise PilotConfigError(f"--local-budget is {self.local_budget!r}: use model or site")
         if self.min_steps is not None and self.min_steps < 0:
             raise PilotConfigError("--min-steps must be 0 or more")
 
@@ -106,6 +112,7 @@ class PilotConfig:
             "val_fraction": self.val_fraction,
             "test_samples": self.test_samples,
             "local_min_steps": self.local_min_steps,
+            "local_budget": self.local_budget,
             "device": self.device,
             "delta_dtype": self.delta_dtype,
             "encoder": {"name": self.encoder.name, "params": dict(self.encoder.params)},

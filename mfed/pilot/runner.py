@@ -128,8 +128,9 @@ def plan_for(config: PilotConfig, method: Method) -> MethodPlan:
 
 
 def federated_steps(config: PilotConfig, samples: int) -> int:
-    """The most optimizer steps any federated method of the run gives a site of this size in
-    total: rounds x steps per round (raised by min_steps) x the models it trains (two tracks)."""
+    """The most optimizer steps any federated method of the run gives a site of this size:
+    rounds x steps per round (raised by min_steps), per deployed model, or, with
+    `local_budget` "site", for all the models the site trains (x2 for two tracks)."""
     train = samples - max(1, round(samples * config.val_fraction))
     most = 0
     for method in config.methods:
@@ -138,13 +139,14 @@ def federated_steps(config: PilotConfig, samples: int) -> int:
             per_round = planned_steps(
                 train, epochs=config.epochs, batch_size=config.batch_size, min_steps=plan.min_steps
             )
-            most = max(most, config.rounds * per_round * plan.tracks)
+            tracks = plan.tracks if config.local_budget == "site" else 1
+            most = max(most, config.rounds * per_round * tracks)
     return most
 
 
 def local_rounds(config: PilotConfig, samples: int) -> int:
     """Rounds (of `epochs` each) a Local site trains: never fewer steps than a federated site of
-    the same size gets in total (min_steps and two tracks included), and at least `local_min_steps`."""
+    the same size gets (federated_steps), and at least `local_min_steps`."""
     budget = max(config.local_min_steps, federated_steps(config, samples))
     return max(config.rounds, -(-budget // steps_per_round(config, samples)))
 

@@ -50,7 +50,7 @@ from mfed.learning.train import (
     train_local,
 )
 from mfed.seeding import derive_seed
-from mfed.spec import DataSpec, DecoderSource, InitSpec, RoundSpec, SiteStrategy, SpecError
+from mfed.spec import DataSpec, DecoderSource, InitSpec, Regularizer, RoundSpec, SiteStrategy, SpecError
 from mfed.storage import NotFound, Storage
 
 
@@ -386,7 +386,7 @@ def _run(
     )
     per_epoch = -(-len(data.train) // spec.training.batch_size)
 
-    def train(site_model: SiteModel, track_seed: int) -> TrainStats:
+    def train(site_model: SiteModel, track_seed: int, track_objective: Objective = objective) -> TrainStats:
         return train_local(
             site_model,
             task,
@@ -394,7 +394,7 @@ def _run(
             epochs=-(-steps // per_epoch),
             batch_size=spec.training.batch_size,
             learning_rate=spec.training.learning_rate,
-            objective=objective,
+            objective=track_objective,
             device=device,
             seed=track_seed,
             max_steps=steps,
@@ -455,7 +455,7 @@ def _run(
 
 def _train_shared_track(
     state: StartState,
-    train: Callable[[SiteModel, int], TrainStats],
+    train: Callable[[SiteModel, int, Objective], TrainStats],
     score: Callable[[SiteModel], float],
     seed: int,
     metrics: dict[str, float],
@@ -466,7 +466,9 @@ def _train_shared_track(
     assert state.shared is not None
     track = state.shared
     metrics["val_before_shared"] = score(track.model)
-    stats = train(track.model, derive_seed(seed, "shared"))
+    # D_tau is the FedAvg of the task-level tracks' decoders: no target for this track's decoder.
+    no_regularizer = Objective(regularizer=Regularizer.NONE, mu=0.0, global_decoder=None)
+    stats = train(track.model, derive_seed(seed, "shared"), no_regularizer)
     metrics["val_after_shared"] = score(track.model)
     metrics["steps"] += float(stats.steps)
     metrics["train_seconds"] += stats.seconds

@@ -280,33 +280,9 @@ def _prepare(spec: RoundSpec, storage: Storage, data: SiteData | None) -> StartS
             decoder_origin=decoder_origin,
         )
     shared = shared_view(global_tensors, spec.task.name)
-    alpha, evidence, track = 0.0, {}, None
-    if strategy is SiteStrategy.SHARED:
-        alpha = 1.0
-    elif strategy is SiteStrategy.GATE:
-        alpha = 1.0 if _gate_open(global_manifest, spec.task.name) else 0.0
-        evidence["gate_open"] = alpha
-    elif strategy is SiteStrategy.MIX:
-        if data is None:
-            raise BadInput("siteStrategy mix chooses its start on the validation split: the site's data is needed")
-        choice = choose_mix(
-            model,
-            task,
-            data,
-            shared,
-            task_level,
-            dual,
-            batch_size=spec.training.batch_size,
-            learning_rate=spec.training.learning_rate,
-            device=pick_device(spec.training.device),
-            # Seeded by the model it looks at, not by the round number: scoring the same artifacts
-            # later (the pilot re-scores a kept model) must make the same choice.
-            seed=derive_seed(spec.training.seed, spec.site, "probe", global_manifest.digest),
-            eval_seed=derive_seed("eval", spec.site),
-        )
-        alpha = choice.alpha
-        evidence |= {f"probe_val_a{round(a * 100):03d}": v for a, v in sorted(choice.scores.items())}
-    elif strategy is SiteStrategy.FALLBACK:
+    alpha, evidence = _choose_mix(spec, global_manifest, model, task, data, shared, task_level, dual)
+    track = None
+    if strategy is SiteStrategy.FALLBACK:
         second = copy.deepcopy(model)
         load_part(second, "encoder", shared)
         load_part(second, "decoder", shared_decoder)
@@ -327,6 +303,45 @@ def _prepare(spec: RoundSpec, storage: Storage, data: SiteData | None) -> StartS
         dual=dual,
         evidence=evidence,
     )
+
+
+def _choose_mix(
+    spec: RoundSpec,
+    global_manifest: GlobalManifest,
+    model: SiteModel,
+    task: Task,
+    data: SiteData | None,
+    shared: dict[str, np.ndarray],
+    task_level: dict[str, np.ndarray],
+    dual: tuple[str, ...],
+) -> tuple[float, dict[str, float]]:
+    """How much of the shared encoder the (task-level) track starts from, and the evidence."""
+    strategy = spec.training.site_strategy
+    if strategy is SiteStrategy.SHARED:
+        return 1.0, {}
+    if strategy is SiteStrategy.GATE:
+        alpha = 1.0 if _gate_open(global_manifest, spec.task.name) else 0.0
+        return alpha, {"gate_open": alpha}
+    if strategy is not SiteStrategy.MIX:
+        return 0.0, {}  # task, and fallback's task-level track
+    if data is None:
+        raise BadInput("siteStrategy mix chooses its start on the validation split: the site's data is needed")
+    choice = choose_mix(
+        model,
+        task,
+        data,
+        shared,
+        task_level,
+        dual,
+        batch_size=spec.training.batch_size,
+        learning_rate=spec.training.learning_rate,
+        device=pick_device(spec.training.device),
+        # Seeded by the model it looks at, not by the round number: scoring the same artifacts
+        # later (the pilot re-scores a kept model) must make the same choice.
+        seed=derive_seed(spec.training.seed, spec.site, "probe", global_manifest.digest),
+        eval_seed=derive_seed("eval", spec.site),
+    )
+    return choice.alpha, {f"probe_val_a{round(a * 100):03d}": v for a, v in sorted(choice.scores.items())}
 
 
 def evaluate_start(

@@ -1,0 +1,122 @@
+"""Cross-task presets (auto, mix, gated, fallback, cagrad) in methods, the pilot's budgets and CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
+from mfed.cli import _pilot_parser, config_from_args, main
+from mfed.methods import AUTO_MIN_STEPS, Method, plan_method
+from mfed.pilot.config import SCENARIOS, PilotConfig
+from mfed.pilot.runner import federated_steps, local_rounds
+from mfed.spec import Regularizer, SharingMode, SharingPolicy, SiteStrategy
+
+
+def test_auto_composes_fallback_conflict_averse_level2_min_steps_and_task_level_copies():
+    plan = plan_method(Method.AUTO, sharing=SharingPolicy(mode=SharingMode.DEPTH, depth=1))
+    assert plan.sharing == SharingPolicy(task_level=True)  # the whole encoder: protection decides
+    assert (plan.site_strategy, plan.level2_rule, plan.min_steps) == (
+        SiteStrategy.FALLBACK,
+        Level2Rule.CAGRAD,
+        AUTO_MIN_STEPS,
+    )
+    assert (plan.regularizer, plan.mu, plan.tracks) == (Regularizer.NONE, 0.0, 2)
+    assert plan.aggregation.level2_rule is Level2Rule.CAGRAD
+    assert plan.aggregation.level2_weighting is Level2Weighting.UNIFORM
+
+
+@pytest.mark.parametrize(
+    ("method", "strategy", "rule"),
+    [
+        (Method.MIX, SiteStrategy.MIX, Level2Rule.MEAN),
+        (Method.GATED, SiteStrategy.GATE, Level2Rule.GATED),
+        (Method.FALLBACK, SiteStrategy.FALLBACK, Level2Rule.MEAN),
+        (Method.CAGRAD, SiteStrategy.SHARED, Level2Rule.CAGRAD),
+    ],
+)
+def test_each_preset_picks_its_site_strategy_and_rule_and_task_level_copies_when_it_needs_them(method, strategy, rule):
+    plan = plan_method(method, sharing=SharingPolicy(mode=SharingMode.DEPTH, depth=2))
+    assert (plan.site_strategy, plan.level2_rule) == (strategy, rule)
+    assert plan.sharing.depth == 2  # the given layers stay the ones that cross tasks
+    assert plan.sharing.task_level is (strategy is not SiteStrategy.SHARED)
+
+
+def test_plain_mfed_keeps_the_literal_reading_unless_a_strategy_is_asked_for():
+    literal = plan_method(Method.MFED)
+    assert (literal.sharing, literal.site_strategy, literal.level2_rule, literal.min_steps) == (
+        SharingPolicy(),
+        SiteStrategy.SHARED,
+        Level2Rule.MEAN,
+        0,
+    )
+    assert literal.regularizer is Regularizer.L2
+    mixed = plan_method(Method.MFED, site_strategy=SiteStrategy.MIX, level2_rule=Level2Rule.GATED, min_steps=5)
+    assert mixed.sharing.task_level and mixed.level2_rule is Level2Rule.GATED and mixed.min_steps == 5
+
+
+def test_method_names_parse_with_dashes_and_unknown_names_list_the_choices():
+    assert Method.parse("Auto") is Method.AUTO and Method.parse("task-fedavg") is Method.TASK_FEDAVG
+    with pytest.raises(ValueError, match="auto"):
+        Method.parse("magic")
+
+
+def test_local_budget_covers_the_deployed_models_steps_or_every_step_of_a_two_track_site():
+    # Scarce: a 50-image site has 40 training images: 2 steps an epoch, raised to 20 by auto's
+    # minimum, so 30 x 20 = 600 steps per model; Local's 1000-step floor is larger (500 rounds).
+    # Counting both tracks (1200 steps) gives Local 600 rounds. A 3000-image site: 75 steps a round,
+    # 2250 per model (30 rounds of Local), 4500 for the site (60 rounds).
+    scarce = PilotConfig(**SCENARIOS["scarce"], methods=(Method.LOCAL, Method.AUTO))
+    assert federated_steps(scarce, 50) == 600 and local_rounds(scarce, 50) == 500
+    assert federated_steps(scarce, 3000) == 2250 and local_rounds(scarce, 3000) == 30
+    strict = PilotConfig(**SCENARIOS["scarce"], methods=(Method.LOCAL, Method.AUTO), local_budget="site")
+    assert federated_steps(strict, 50) == 1200 and local_rounds(strict, 50) == 600
+    assert local_rounds(strict, 3000) == 60
+
+
+def _config(*argv: str) -> PilotConfig:
+    parser = argparse.ArgumentParser()
+    _pilot_parser(parser.add_subparsers(dest="command"))
+    return config_from_args(parser.parse_args(["pilot", *argv]))
+
+
+def test_pilot_flags_reach_the_configuration():
+    config = _config(
+        "--methods=local,mfed",
+        "--level2-rule=gated",
+        "--site-strategy=mix",
+        "--min-steps=7",
+        "--cagrad-c=0.2",
+        "--shared-layers=1+task",
+        "--local-budget=site",
+    )
+    assert (config.level2_rule, config.site_strategy, config.min_steps, config.cagrad_c) == (
+        Level2Rule.GATED,
+        SiteStrategy.MIX,
+        7,
+        0.2,
+    )
+    assert config.sharing == SharingPolicy(mode=SharingMode.DEPTH, depth=1, task_level=True)
+    assert config.local_budget == "site"
+    assert _config().level2_rule is None and _config().local_budget == "model"  # presets decide by default
+
+
+def test_quick_pilot_of_auto_reports_each_sites_protection_choice(tmp_path, capsys):
+    # --min-steps 2 keeps the smoke test quick; the preset's own minimum is tested above.
+    out = tmp_path / "auto"
+    assert (
+        main(["pilot", "--quick", "--methods", "local,auto", "--min-steps", "2", "--out", str(out), "--no-progress"])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "auto (recommended)" in printed and "selected models on the shared track" in printed
+    results = json.loads((out / "results.json").read_text())
+    auto = results["methods"]["auto"]
+    assert set(auto["protection"]) == {"cls10", "coarse4", "denoise", "rot4"}
+    assert all(0.0 <= v["shared"] <= 1.0 for v in auto["protection"].values())
+    evidence = auto["selected"]["0"]["cls10-0"]["evidence"]
+    assert {"shared", "val_shared_track", "val_task_track"} <= set(evidence)
+    # Fairness: Local trains at least the steps of the model auto deploys (half of a two-track site's).
+    assert results["methods"]["local"]["steps_per_site"] >= auto["steps_per_site"] / 2

@@ -11,13 +11,13 @@ from __future__ import annotations
 import copy
 import platform
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import mfed
-from mfed.aggregation.ownership import SHARED_TRACK, dual_keys, layout_global, shared_view, task_view
+from mfed.aggregation.ownership import SHARED_TRACK, layout_global
 from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, MANIFEST_FILE, MODEL_FILE, join
 from mfed.artifacts.manifest import (
     ContributionManifest,
@@ -38,8 +38,8 @@ from mfed.learning.data import DataError, SiteData, load_site_data
 from mfed.learning.decoders import build_decoder
 from mfed.learning.encoders import ArchError, build_encoder
 from mfed.learning.model import SiteModel, build_site_model, load_part, part_state, signature
-from mfed.learning.protection import choose_mix, is_better, mix_encoders
-from mfed.learning.tasks import Task, TaskError, build_task
+from mfed.learning.protection import is_better
+from mfed.learning.tasks import TaskError, build_task
 from mfed.learning.train import (
     Objective,
     ProgressCallback,
@@ -50,8 +50,9 @@ from mfed.learning.train import (
     train_local,
 )
 from mfed.seeding import derive_seed
-from mfed.spec import DataSpec, DecoderSource, InitSpec, Regularizer, RoundSpec, SiteStrategy, SpecError
+from mfed.spec import DataSpec, InitSpec, Regularizer, RoundSpec, SpecError
 from mfed.storage import NotFound, Storage
+from mfed_trainer.start import StartError, StartState, assemble_start
 
 
 class BadInput(Exception):
@@ -59,7 +60,16 @@ class BadInput(Exception):
 
 
 # Everything that means "fix the input", as opposed to "try again later".
-INPUT_ERRORS = (SpecError, ManifestError, SignatureMismatch, ArchError, TaskError, DataError, TensorFileError)
+INPUT_ERRORS = (
+    SpecError,
+    ManifestError,
+    SignatureMismatch,
+    ArchError,
+    TaskError,
+    DataError,
+    TensorFileError,
+    StartError,
+)
 
 
 @dataclass(frozen=True)
@@ -157,24 +167,6 @@ def _check_task_matches(spec: RoundSpec, info: TaskGroupInfo) -> None:
         )
 
 
-def _start_decoders(
-    storage: Storage, spec: RoundSpec, global_decoder: dict[str, np.ndarray]
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
-    """The decoders the site's task-level track and shared track start from, and their origin.
-
-    The site's decoder file holds `decoder.*` and, after a two-track round, `shared.decoder.*`."""
-    if spec.training.decoder_source is DecoderSource.OWN and spec.previous_decoder:
-        try:
-            own = decode_tensors(storage.read(spec.previous_decoder)).tensors
-        except NotFound:
-            pass  # first round at this site: start from the task's global decoder
-        else:
-            first = {k: v for k, v in own.items() if not k.startswith(SHARED_TRACK)}
-            second = {k.removeprefix(SHARED_TRACK): v for k, v in own.items() if k.startswith(SHARED_TRACK)}
-            return first, second or first, "own"
-    return global_decoder, global_decoder, "global"
-
-
 def load_site_splits(data: DataSpec, site: str, val_fraction: float, storage: Storage) -> SiteData:
     """The site's splits; the same data spec and site always give the same validation split."""
     return load_site_data(
@@ -199,32 +191,6 @@ def run_site_round(
         raise BadInput(str(exc)) from exc
 
 
-@dataclass(frozen=True)
-class Track:
-    """A second model a two-track site trains (SiteStrategy.FALLBACK): the shared encoder E_G
-    with the site's shared-track decoder."""
-
-    model: SiteModel
-    start_encoder: dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class StartState:
-    """A site's model as a round starts: global encoder + starting decoder, and D_tau."""
-
-    global_manifest: GlobalManifest
-    info: TaskGroupInfo
-    model: SiteModel
-    task: Task
-    start_encoder: dict[str, np.ndarray]
-    task_decoder: dict[str, np.ndarray]
-    decoder_origin: str  # "own" (the site's decoder from last round) or "global" (D_tau)
-    start_mix: dict[str, float] = field(default_factory=dict)  # for the manifest (task-level copies only)
-    shared: Track | None = None  # the shared track of a two-track site
-    dual: tuple[str, ...] = ()  # encoder parameters present both shared and at the task level
-    evidence: dict[str, float] = field(default_factory=dict)  # why this start: goes into the metrics
-
-
 def prepare_start(spec: RoundSpec, storage: Storage, data: SiteData | None = None) -> StartState:
     """Load the global model and assemble the model this site starts the round from.
 
@@ -233,14 +199,6 @@ def prepare_start(spec: RoundSpec, storage: Storage, data: SiteData | None = Non
         return _prepare(spec, storage, data)
     except INPUT_ERRORS as exc:
         raise BadInput(str(exc)) from exc
-
-
-def _gate_open(manifest: GlobalManifest, task: str) -> bool:
-    """Whether the aggregator's similarity gate let `task` share in the round that made `manifest`."""
-    gates = manifest.aggregation.get("gateOpen")
-    if isinstance(gates, dict) and isinstance(gates.get(task), bool):
-        return bool(gates[task])
-    return True  # no gate ran (first round, or another rule): nothing has closed it
 
 
 def _prepare(spec: RoundSpec, storage: Storage, data: SiteData | None) -> StartState:
@@ -257,91 +215,7 @@ def _prepare(spec: RoundSpec, storage: Storage, data: SiteData | None) -> StartS
     model, task = build_site_model(spec.encoder, spec.task, spec.decoder)
     global_manifest.encoder_signature.require_equal(signature(model, "encoder"), "encoder")
     info.decoder_signature.require_equal(signature(model, "decoder"), "decoder")
-    task_level = task_view(global_tensors, spec.task.name, "encoder")
-    task_decoder = task_view(global_tensors, spec.task.name, "decoder")
-    start_decoder, shared_decoder, decoder_origin = _start_decoders(storage, spec, task_decoder)
-    load_part(model, "decoder", start_decoder)
-    dual = tuple(dual_keys(global_tensors, spec.task.name))
-    strategy = spec.training.site_strategy
-    if not dual:
-        if strategy is not SiteStrategy.SHARED:
-            raise BadInput(
-                f"siteStrategy {strategy.value} needs task-level copies of the shared encoder parameters "
-                "(sharing.taskLevel: true, and at least one shared parameter)"
-            )
-        load_part(model, "encoder", task_level)
-        return StartState(
-            global_manifest=global_manifest,
-            info=info,
-            model=model,
-            task=task,
-            start_encoder=task_level,
-            task_decoder=task_decoder,
-            decoder_origin=decoder_origin,
-        )
-    shared = shared_view(global_tensors, spec.task.name)
-    alpha, evidence = _choose_mix(spec, global_manifest, model, task, data, shared, task_level, dual)
-    track = None
-    if strategy is SiteStrategy.FALLBACK:
-        second = copy.deepcopy(model)
-        load_part(second, "encoder", shared)
-        load_part(second, "decoder", shared_decoder)
-        track = Track(model=second, start_encoder=shared)
-    start = mix_encoders(shared, task_level, alpha, dual) if alpha else task_level
-    load_part(model, "encoder", start)
-    evidence["start_alpha"] = alpha
-    return StartState(
-        global_manifest=global_manifest,
-        info=info,
-        model=model,
-        task=task,
-        start_encoder=start,
-        task_decoder=task_decoder,
-        decoder_origin=decoder_origin,
-        start_mix={"encoder.": alpha} if alpha else {},
-        shared=track,
-        dual=dual,
-        evidence=evidence,
-    )
-
-
-def _choose_mix(
-    spec: RoundSpec,
-    global_manifest: GlobalManifest,
-    model: SiteModel,
-    task: Task,
-    data: SiteData | None,
-    shared: dict[str, np.ndarray],
-    task_level: dict[str, np.ndarray],
-    dual: tuple[str, ...],
-) -> tuple[float, dict[str, float]]:
-    """How much of the shared encoder the (task-level) track starts from, and the evidence."""
-    strategy = spec.training.site_strategy
-    if strategy is SiteStrategy.SHARED:
-        return 1.0, {}
-    if strategy is SiteStrategy.GATE:
-        alpha = 1.0 if _gate_open(global_manifest, spec.task.name) else 0.0
-        return alpha, {"gate_open": alpha}
-    if strategy is not SiteStrategy.MIX:
-        return 0.0, {}  # task, and fallback's task-level track
-    if data is None:
-        raise BadInput("siteStrategy mix chooses its start on the validation split: the site's data is needed")
-    choice = choose_mix(
-        model,
-        task,
-        data,
-        shared,
-        task_level,
-        dual,
-        batch_size=spec.training.batch_size,
-        learning_rate=spec.training.learning_rate,
-        device=pick_device(spec.training.device),
-        # Seeded by the model it looks at, not by the round number: scoring the same artifacts
-        # later (the pilot re-scores a kept model) must make the same choice.
-        seed=derive_seed(spec.training.seed, spec.site, "probe", global_manifest.digest),
-        eval_seed=derive_seed("eval", spec.site),
-    )
-    return choice.alpha, {f"probe_val_a{round(a * 100):03d}": v for a, v in sorted(choice.scores.items())}
+    return assemble_start(spec, storage, data, global_manifest, info, global_tensors, model, task)
 
 
 def evaluate_start(

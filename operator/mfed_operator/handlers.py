@@ -18,6 +18,7 @@ import kopf
 from mfed_operator.adapters.kube import Kube
 from mfed_operator.config import OperatorConfig
 from mfed_operator.domain.actions import CreateJob, CreateRound
+from mfed_operator.domain.method_settings import check_settings
 from mfed_operator.domain.names import (
     API_VERSION,
     FEDERATIONROUNDS,
@@ -298,6 +299,7 @@ def _desired(
 ) -> Desired:
     try:
         r = parse_round(body)
+        check_settings(r)
     except ResourceError as exc:
         return Desired(round=None, spec_error=str(exc), raw_spec=dict(spec), config=config)
     candidates = [dict(b) for b in sitetasks.get((r.namespace, r.federation), [])]

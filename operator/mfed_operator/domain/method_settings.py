@@ -7,7 +7,7 @@ AggregationSettings from a round, so new aggregation fields are added here only.
 
 from __future__ import annotations
 
-from mfed.aggregation.crosstask import Level2Weighting
+from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
 from mfed.aggregation.fedavg import AggregationSettings
 from mfed.artifacts.layout import join, round_prefix, site_prefix
 from mfed.methods import MethodPlan, plan_method
@@ -18,29 +18,38 @@ from mfed.spec import (
     InitSpec,
     Regularizer,
     RoundSpec,
+    SiteStrategy,
+    SpecError,
     TaskGroupSpec,
     TaskSpec,
     TrainingSpec,
 )
-from mfed_operator.domain.views import DataKind, RoundView, SiteTaskView
+from mfed_operator.domain.views import DataKind, ResourceError, RoundView, SiteTaskView
 
 PVC_MOUNT = "/var/run/mfed/data"
 DEFAULTS = TrainingSpec()
 
 
 def method_plan(r: RoundView) -> MethodPlan:
+    """The round's method with its fields applied; unset fields keep the method's own choice."""
     t = r.training
+    defaults = AggregationSettings()
     return plan_method(
         t.method,
         sharing=r.sharing,
         mu=DEFAULTS.mu if t.mu is None else t.mu,
         regularizer=Regularizer(t.regularizer) if t.regularizer else DEFAULTS.regularizer,
         level2_weighting=Level2Weighting(r.weighting) if r.weighting else Level2Weighting.UNIFORM,
+        level2_rule=Level2Rule(r.level2_rule) if r.level2_rule else None,
+        site_strategy=SiteStrategy(t.site_strategy) if t.site_strategy else None,
+        min_steps=t.min_steps,
+        cagrad_c=defaults.cagrad_c if r.cagrad_c is None else r.cagrad_c,
+        gate_threshold=defaults.gate_threshold if r.gate_threshold is None else r.gate_threshold,
     )
 
 
 def aggregation_settings(r: RoundView) -> AggregationSettings:
-    return AggregationSettings(level2_weighting=method_plan(r).level2_weighting)
+    return method_plan(r).aggregation
 
 
 def training_spec(r: RoundView) -> TrainingSpec:
@@ -57,7 +66,19 @@ def training_spec(r: RoundView) -> TrainingSpec:
         delta_dtype=t.delta_dtype or DEFAULTS.delta_dtype,
         val_fraction=DEFAULTS.val_fraction if t.val_fraction is None else t.val_fraction,
         max_steps=t.max_steps,
+        min_steps=plan.min_steps,
+        site_strategy=plan.site_strategy,
     )
+
+
+def check_settings(r: RoundView) -> None:
+    """Resolve the method and the training settings once, so a combination that each field allows
+    but the trainer does not (minSteps above maxSteps, ...) fails the round at once, naming the
+    field, instead of failing every site's Job."""
+    try:
+        training_spec(r)
+    except SpecError as exc:
+        raise ResourceError(f"spec.{exc.path}: {exc.message}") from None
 
 
 def round_root(r: RoundView) -> str:

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from mfed.aggregation.crosstask import Level2Rule
 from mfed.fields import FieldError, Fields
 from mfed.methods import Method
-from mfed.spec import TASK_NAME, ArchSpec, SharingMode, SharingPolicy, SpecError
+from mfed.spec import TASK_NAME, ArchSpec, SharingMode, SharingPolicy, SiteStrategy, SpecError
 from mfed_operator.domain.selectors import LabelSelector
 
 FEDERATION_NAME_MAX = 63
@@ -266,6 +267,8 @@ class TrainingView:
     delta_dtype: str | None
     device: str | None
     val_fraction: float | None
+    min_steps: int | None = None
+    site_strategy: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -282,6 +285,9 @@ class RoundView:
     sharing: SharingPolicy
     training: TrainingView
     weighting: str | None
+    level2_rule: str | None
+    cagrad_c: float | None
+    gate_threshold: float | None
     min_sites: int | None
     deadline_seconds: int | None
     storage: StorageView
@@ -307,13 +313,21 @@ def _sharing(f: Fields) -> SharingPolicy:
 
 
 MUTABLE_SPEC_FIELDS = ("aggregation", "followUpRounds")
+# Aggregation fields that decide the model (not when it is made) are fixed once a round starts.
+LEVEL2_RULE_FIELDS = ("level2Rule", "cagradC", "gateThreshold")
 
 
 def spec_digest(spec: Mapping[str, Any]) -> str:
     """SHA-256 over the spec without the fields that may change mid-round."""
     fixed = {k: v for k, v in spec.items() if k not in MUTABLE_SPEC_FIELDS}
-    weighting = (spec.get("aggregation") or {}).get("weighting")
-    text = json.dumps({"spec": fixed, "weighting": weighting}, sort_keys=True, separators=(",", ":"))
+    aggregation = spec.get("aggregation") or {}
+    # weighting keeps its place and the rule fields are added only when set, so the digest of a
+    # round written before they existed does not change under an upgraded operator
+    document: dict[str, Any] = {"spec": fixed, "weighting": aggregation.get("weighting")}
+    rule = {k: aggregation[k] for k in LEVEL2_RULE_FIELDS if k in aggregation}
+    if rule:
+        document["level2"] = rule
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -334,7 +348,9 @@ def parse_round(body: Mapping[str, Any]) -> RoundView:
             raise FieldError("spec.training.method", str(exc)) from None
         if method is Method.LOCAL:
             raise FieldError(
-                "spec.training.method", "local is a pilot baseline; use m-fed, task-fedavg or encoder-fedavg"
+                "spec.training.method",
+                "local is a pilot baseline; use m-fed, task-fedavg, encoder-fedavg or a cross-task strategy "
+                "(cagrad, gated, mix, fallback, auto)",
             )
         aggregation = spec.obj("aggregation", required=False)
         storage_f = spec.obj("storage")
@@ -369,8 +385,17 @@ def parse_round(body: Mapping[str, Any]) -> RoundView:
                 delta_dtype=training_f.opt_str("deltaDtype"),
                 device=training_f.opt_str("device"),
                 val_fraction=_opt_float(training_f, "valFraction"),
+                min_steps=training_f.opt_int("minSteps", minimum=0),
+                site_strategy=_opt_choice(training_f, "siteStrategy", SiteStrategy),
             ),
             weighting=aggregation.opt_str("weighting"),
+            level2_rule=_opt_choice(aggregation, "level2Rule", Level2Rule),
+            cagrad_c=None if not aggregation.has("cagradC") else aggregation.float("cagradC", minimum=0),
+            gate_threshold=(
+                None
+                if not aggregation.has("gateThreshold")
+                else aggregation.float("gateThreshold", minimum=-1, maximum=1)
+            ),
             min_sites=aggregation.opt_int("minSites", minimum=1),
             deadline_seconds=aggregation.opt_int("deadlineSeconds", minimum=1),
             storage=StorageView(
@@ -396,6 +421,10 @@ def parse_round(body: Mapping[str, Any]) -> RoundView:
 
 def _opt_float(f: Fields, name: str) -> float | None:
     return None if not f.has(name) else f.float(name)
+
+
+def _opt_choice(f: Fields, name: str, choices: type[StrEnum]) -> str | None:
+    return None if not f.has(name) else f.str(name, choices=[c.value for c in choices])
 
 
 def _initial(f: Fields) -> InitialModel:

@@ -1,0 +1,101 @@
+"""A FederationRound's method fields become the same trainer and aggregation settings as the
+pilot's flags (docs/strategies.md), and bad combinations fail naming the field."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import pytest
+from mfed_operator.domain.method_settings import aggregation_settings, check_settings, init_spec, training_spec
+from mfed_operator.domain.views import ResourceError, parse_round
+
+from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
+from mfed.methods import AUTO_MIN_STEPS, Method, plan_method
+from mfed.spec import Regularizer, SharingMode, SiteStrategy
+from tests.operator.builders import round_body, round_view, site
+
+
+def test_auto_means_what_the_pilot_means() -> None:
+    r = round_view(training={"method": "auto"})
+    training, settings = training_spec(r), aggregation_settings(r)
+    pilot = plan_method(Method.AUTO)
+    assert training.site_strategy is SiteStrategy.FALLBACK is pilot.site_strategy
+    assert training.min_steps == AUTO_MIN_STEPS
+    assert training.regularizer is Regularizer.NONE and training.mu == 0.0
+    assert settings == pilot.aggregation and settings.level2_rule is Level2Rule.CAGRAD
+    # auto shares the whole encoder with task-level copies, whatever sharing the round names
+    sharing = init_spec(r, [site("a"), site("b", "rot4")]).sharing
+    assert sharing.mode is SharingMode.ALL and sharing.task_level
+
+
+@pytest.mark.parametrize(
+    ("method", "rule", "strategy"),
+    [
+        ("m-fed", Level2Rule.MEAN, SiteStrategy.SHARED),
+        ("cagrad", Level2Rule.CAGRAD, SiteStrategy.SHARED),
+        ("gated", Level2Rule.GATED, SiteStrategy.GATE),
+        ("mix", Level2Rule.MEAN, SiteStrategy.MIX),
+        ("fallback", Level2Rule.MEAN, SiteStrategy.FALLBACK),
+    ],
+)
+def test_each_strategy_method_resolves_to_its_rule_and_site_strategy(
+    method: str, rule: Level2Rule, strategy: SiteStrategy
+) -> None:
+    r = round_view(training={"method": method})
+    assert aggregation_settings(r).level2_rule is rule
+    assert training_spec(r).site_strategy is strategy
+    # every start other than the shared encoder needs the task-level copies in the model
+    assert init_spec(r, [site("a")]).sharing.task_level is (strategy is not SiteStrategy.SHARED)
+    assert init_spec(r, [site("a")]).sharing.depth == 1  # the round's layer-wise sharing is kept
+
+
+def test_single_fields_override_the_method() -> None:
+    r = round_view(
+        training={"method": "auto", "minSteps": 5, "siteStrategy": "mix"},
+        aggregation={"weighting": "samples", "level2Rule": "gated", "cagradC": 0.8, "gateThreshold": 0.25},
+    )
+    training, settings = training_spec(r), aggregation_settings(r)
+    assert (training.min_steps, training.site_strategy) == (5, SiteStrategy.MIX)
+    assert settings.level2_rule is Level2Rule.GATED
+    assert (settings.cagrad_c, settings.gate_threshold) == (0.8, 0.25)
+    assert settings.level2_weighting is Level2Weighting.SAMPLES
+    # and the trainer receives them
+    assert training.to_dict()["minSteps"] == 5 and training.to_dict()["siteStrategy"] == "mix"
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"aggregation": {"level2Rule": "median"}}, "spec.aggregation.level2Rule"),
+        ({"aggregation": {"cagradC": -1}}, "spec.aggregation.cagradC"),
+        ({"aggregation": {"gateThreshold": 1.5}}, "spec.aggregation.gateThreshold"),
+        ({"training": {"method": "auto", "siteStrategy": "both"}}, "spec.training.siteStrategy"),
+        ({"training": {"method": "auto", "minSteps": -2}}, "spec.training.minSteps"),
+        ({"training": {"method": "local"}}, "spec.training.method"),
+    ],
+)
+def test_invalid_fields_are_rejected_naming_the_field(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(ResourceError, match=field.replace(".", r"\.")):
+        round_view(**spec)
+
+
+def test_a_combination_the_trainer_refuses_fails_the_round_naming_the_field() -> None:
+    # auto asks for at least 20 steps a round; a cap of 10 cannot be met
+    r = round_view(training={"method": "auto", "maxSteps": 10})
+    with pytest.raises(ResourceError, match=r"spec\.training\.minSteps.*maxSteps 10"):
+        check_settings(r)
+    check_settings(round_view(training={"method": "auto", "maxSteps": 10, "minSteps": 0}))
+
+
+def test_rule_fields_are_fixed_once_a_round_runs_but_old_digests_are_unchanged() -> None:
+    plain = round_body()
+    # the digest formula of operators before the rule fields: a running round must not look edited
+    fixed = {k: v for k, v in plain["spec"].items() if k not in ("aggregation", "followUpRounds")}
+    before = json.dumps({"spec": fixed, "weighting": None}, sort_keys=True, separators=(",", ":"))
+    assert parse_round(plain).digest == hashlib.sha256(before.encode()).hexdigest()[:16]
+    ruled = round_view(aggregation={"deadlineSeconds": 300, "level2Rule": "cagrad"})
+    assert ruled.digest != parse_round(plain).digest
+    # quorum and deadline may still change mid-round
+    assert round_view(aggregation={"deadlineSeconds": 999}).digest == parse_round(plain).digest

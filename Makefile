@@ -8,13 +8,17 @@ BIN := $(VENV)/bin
 PILOT_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap pilot pilot-quick test lint typecheck bench clean deploy-manifests
+.PHONY: bootstrap pilot pilot-scarce pilot-quick test lint typecheck bench clean deploy-manifests
 
 bootstrap:
 	@scripts/bootstrap.sh
 
 pilot: bootstrap
 	$(BIN)/mfed pilot $(PILOT_ARGS)
+
+# Where cross-task sharing pays: label-scarce sites beside data-rich ones (docs/strategies.md)
+pilot-scarce: bootstrap
+	$(BIN)/mfed pilot --scenario scarce --methods local,encoder_fedavg,auto --out runs/pilot-scarce $(PILOT_ARGS)
 
 pilot-quick: bootstrap
 	$(BIN)/mfed pilot --quick $(PILOT_ARGS)

@@ -17,6 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from mfed_operator.domain.chain import build_next_round
+from mfed_operator.domain.views import LEVEL2_RULE_FIELDS
 
 from tests.operator.builders import round_body, round_view
 from tests.support.manifests import EXAMPLES, load_kustomization
@@ -82,7 +83,10 @@ def test_crd_schema_is_structural_documented_and_has_no_defaults(plural: str) ->
 def test_immutable_fields_of_a_round_have_transition_rules_with_messages_that_name_the_fix() -> None:
     spec = crd("federationrounds")["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     rules = spec["x-kubernetes-validations"]
-    for field in ("federation", "round", "siteSelector", "encoder", "training", "storage", "initialModel"):
+    fixed = ("federation", "round", "siteSelector", "encoder", "training", "storage", "initialModel")
+    # the aggregation fields that decide the model (the operator's spec digest covers the same ones)
+    fixed += tuple(f"aggregation.{name}" for name in LEVEL2_RULE_FIELDS)
+    for field in fixed:
         rule = next(r for r in rules if f"self.{field}" in r["rule"] and "oldSelf" in r["rule"])
         assert f"spec.{field}" in rule["message"] and "create a new FederationRound" in rule["message"]
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from mfed_operator.domain.method_settings import aggregation_settings, check_settings, init_spec, training_spec
 from mfed_operator.domain.views import ResourceError, parse_round
 
@@ -99,3 +102,15 @@ def test_rule_fields_are_fixed_once_a_round_runs_but_old_digests_are_unchanged()
     assert ruled.digest != parse_round(plain).digest
     # quorum and deadline may still change mid-round
     assert round_view(aggregation={"deadlineSeconds": 999}).digest == parse_round(plain).digest
+
+
+def test_the_documented_auto_round_is_a_valid_round() -> None:
+    text = (Path(__file__).parents[2] / "docs" / "strategies.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S)]
+    rounds = [b for b in blocks if b.get("kind") == "FederationRound"]
+    assert rounds, "docs/strategies.md shows a FederationRound"
+    for body in rounds:
+        body["metadata"].update(namespace="team-a", uid="u", generation=1)
+        r = parse_round(body)
+        check_settings(r)
+        assert r.training.method is Method.AUTO

@@ -119,6 +119,7 @@ def plan_method(
             regularizer=Regularizer.NONE,
             mu=0.0,
             level2_weighting=Level2Weighting.UNIFORM,
+            min_steps=min_steps or 0,  # a training setting: every federated method honours it
         )
     if method is Method.ENCODER_FEDAVG:
         return MethodPlan(
@@ -129,6 +130,7 @@ def plan_method(
             regularizer=Regularizer.NONE,
             mu=0.0,
             level2_weighting=Level2Weighting.SAMPLES,
+            min_steps=min_steps or 0,
         )
     rule, strategy, steps = {
         Method.MFED: (Level2Rule.MEAN, SiteStrategy.SHARED, 0),

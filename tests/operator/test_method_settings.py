@@ -114,3 +114,8 @@ def test_the_documented_auto_round_is_a_valid_round() -> None:
         r = parse_round(body)
         check_settings(r)
         assert r.training.method is Method.AUTO
+
+
+@pytest.mark.parametrize("method", ["m-fed", "task-fedavg", "encoder-fedavg", "auto"])
+def test_min_steps_is_a_training_setting_every_method_honours(method: str) -> None:
+    assert training_spec(round_view(training={"method": method, "minSteps": 7})).min_steps == 7

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.e2e.oracle import Contribution, assert_models_equal, expected_global, tensors
@@ -140,7 +141,14 @@ def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
     return make_cluster()
 
 
-def contributions_from_s3(cluster: Cluster, status: Mapping[str, Any]) -> list[Contribution]:
+@dataclass(frozen=True)
+class Upload:
+    manifest: dict[str, Any]
+    delta: dict[str, np.ndarray]
+    decoder: dict[str, np.ndarray]
+
+
+def uploads_from_s3(cluster: Cluster, status: Mapping[str, Any]) -> list[Upload]:
     """What the accepted sites uploaded, read straight from S3 (not through the operator)."""
     out = []
     model_prefix = status["globalModel"]["uri"].rsplit("/", 1)[0]
@@ -148,16 +156,21 @@ def contributions_from_s3(cluster: Cluster, status: Mapping[str, Any]) -> list[C
         if site["phase"] != "Accepted":
             continue
         prefix = f"{model_prefix}/sites/{site['site']}"
-        manifest = json.loads(cluster.s3_object(f"{prefix}/manifest.json"))
         out.append(
-            Contribution(
-                task=manifest["task"],
-                samples=int(manifest["samples"]),
+            Upload(
+                manifest=json.loads(cluster.s3_object(f"{prefix}/manifest.json")),
                 delta=tensors(cluster.s3_object(f"{prefix}/delta.safetensors")),
                 decoder=tensors(cluster.s3_object(f"{prefix}/decoder.safetensors")),
             )
         )
     return out
+
+
+def contributions_from_s3(cluster: Cluster, status: Mapping[str, Any]) -> list[Contribution]:
+    return [
+        Contribution(task=u.manifest["task"], samples=int(u.manifest["samples"]), delta=u.delta, decoder=u.decoder)
+        for u in uploads_from_s3(cluster, status)
+    ]
 
 
 def check_global_model(cluster: Cluster, status: Mapping[str, Any], weighting: str = "uniform") -> bytes:

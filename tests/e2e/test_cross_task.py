@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.e2e.conftest import Cluster
+from tests.e2e.conftest import Cluster, uploads_from_s3
 from tests.e2e.oracle import (
     TwoTrackContribution,
     assert_models_equal,
@@ -38,21 +38,16 @@ def auto_federation(cluster: Cluster) -> list[dict[str, Any]]:
 
 
 def two_track_uploads(cluster: Cluster, status: dict[str, Any]) -> list[TwoTrackContribution]:
-    prefix = status["globalModel"]["uri"].rsplit("/", 1)[0]
-    out = []
-    for site in status["sites"]:
-        where = f"{prefix}/sites/{site['site']}"
-        manifest = json.loads(cluster.s3_object(f"{where}/manifest.json"))
-        out.append(
-            TwoTrackContribution(
-                task=manifest["task"],
-                samples=int(manifest["samples"]),
-                start_mix=float(manifest.get("startMix", {}).get("encoder.", 0.0)),
-                delta=tensors(cluster.s3_object(f"{where}/delta.safetensors")),
-                decoder=tensors(cluster.s3_object(f"{where}/decoder.safetensors")),
-            )
+    return [
+        TwoTrackContribution(
+            task=u.manifest["task"],
+            samples=int(u.manifest["samples"]),
+            start_mix=float(u.manifest.get("startMix", {}).get("encoder.", 0.0)),
+            delta=u.delta,
+            decoder=u.decoder,
         )
-    return out
+        for u in uploads_from_s3(cluster, status)
+    ]
 
 
 def test_auto_trains_two_tracks_per_site_and_aggregates_conflict_averse(cluster: Cluster) -> None:

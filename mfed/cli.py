@@ -99,8 +99,8 @@ def _pilot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--local-budget",
         choices=["model", "site"],
-        help="for two-track methods (auto, fallback), match Local's steps to the deployed model's (model, "
-        "default) or to all the site's steps (site)",
+        help="for two-track methods (auto, fallback), match Local's steps to all the steps the site trains "
+        "(site, default: the core fairness rule, steps per site) or only to the deployed model's (model)",
     )
     p.add_argument("--out", type=Path, default=Path("runs/pilot"), help="output directory (default runs/pilot)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -53,9 +53,10 @@ class PilotConfig:
     test_samples: int = 2000
     local_min_steps: int = 1000
     # What "Local gets at least the steps of any federated method" counts for a site that trains
-    # two models a round (fallback, auto): "model" = the steps of the model it deploys (default),
-    # "site" = all its optimizer steps (twice as many; the stricter, compute-matched reading).
-    local_budget: str = "model"
+    # two models a round (fallback, auto): "site" = all its optimizer steps (default: the core
+    # fairness rule counts steps per site, so Local may spend the whole compute on one model),
+    # "model" = only the steps of the model it deploys (half as many; the lenient reading).
+    local_budget: str = "site"
     device: str = "auto"
     delta_dtype: str = "float32"  # what sites upload: float32, float16 or bfloat16 deltas
     encoder: ArchSpec = ArchSpec(name="small_cnn")

@@ -68,10 +68,10 @@ def test_local_budget_covers_the_deployed_models_steps_or_every_step_of_a_two_tr
     # minimum, so 30 x 20 = 600 steps per model; Local's 1000-step floor is larger (500 rounds).
     # Counting both tracks (1200 steps) gives Local 600 rounds. A 3000-image site: 75 steps a round,
     # 2250 per model (30 rounds of Local), 4500 for the site (60 rounds).
-    scarce = PilotConfig(**SCENARIOS["scarce"], methods=(Method.LOCAL, Method.AUTO))
+    scarce = PilotConfig(**SCENARIOS["scarce"], methods=(Method.LOCAL, Method.AUTO), local_budget="model")
     assert federated_steps(scarce, 50) == 600 and local_rounds(scarce, 50) == 500
     assert federated_steps(scarce, 3000) == 2250 and local_rounds(scarce, 3000) == 30
-    strict = PilotConfig(**SCENARIOS["scarce"], methods=(Method.LOCAL, Method.AUTO), local_budget="site")
+    strict = PilotConfig(**SCENARIOS["scarce"], methods=(Method.LOCAL, Method.AUTO))  # the default
     assert federated_steps(strict, 50) == 1200 and local_rounds(strict, 50) == 600
     assert local_rounds(strict, 3000) == 60
 
@@ -90,7 +90,7 @@ def test_pilot_flags_reach_the_configuration():
         "--min-steps=7",
         "--cagrad-c=0.2",
         "--shared-layers=1+task",
-        "--local-budget=site",
+        "--local-budget=model",
     )
     assert (config.level2_rule, config.site_strategy, config.min_steps, config.cagrad_c) == (
         Level2Rule.GATED,
@@ -99,8 +99,8 @@ def test_pilot_flags_reach_the_configuration():
         0.2,
     )
     assert config.sharing == SharingPolicy(mode=SharingMode.DEPTH, depth=1, task_level=True)
-    assert config.local_budget == "site"
-    assert _config().level2_rule is None and _config().local_budget == "model"  # presets decide by default
+    assert config.local_budget == "model"
+    assert _config().level2_rule is None and _config().local_budget == "site"  # presets decide by default
 
 
 def test_quick_pilot_of_auto_reports_each_sites_protection_choice(tmp_path, capsys):

@@ -87,6 +87,12 @@ def _pilot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=int,
         help="every site trains at least this many steps a round, overriding the method's (auto: 20)",
     )
+    p.add_argument(
+        "--shared-steps",
+        type=int,
+        help="a two-track site (fallback, auto) trains its shared track at most this many steps a round "
+        "(default: as many as its task track)",
+    )
     p.add_argument("--epochs", type=int, help="local epochs per round (default 1)")
     p.add_argument("--batch-size", type=int, help="batch size (default 32)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
@@ -147,6 +153,8 @@ def config_from_args(args: argparse.Namespace) -> PilotConfig:
         overrides["site_strategy"] = SiteStrategy(args.site_strategy)
     if args.min_steps is not None:
         overrides["min_steps"] = args.min_steps
+    if args.shared_steps is not None:
+        overrides["shared_steps"] = args.shared_steps
     if args.cagrad_c is not None:
         overrides["cagrad_c"] = args.cagrad_c
     return replace(base, **overrides)

@@ -60,6 +60,7 @@ class MethodPlan:
     gate_threshold: float = 0.0
     site_strategy: SiteStrategy = SiteStrategy.SHARED
     min_steps: int = 0
+    shared_steps: int | None = None  # cap on a two-track site's shared-track steps per round
 
     @property
     def aggregation(self) -> AggregationSettings:
@@ -89,6 +90,7 @@ def plan_method(
     min_steps: int | None = None,
     cagrad_c: float = 0.4,
     gate_threshold: float = 0.0,
+    shared_steps: int | None = None,
 ) -> MethodPlan:
     """Resolve a method. The other arguments apply to M-Fed and the cross-task presets; None means
     the preset's own choice (for `mfed`: mean rule, shared start, no minimum steps).
@@ -162,4 +164,5 @@ def plan_method(
         gate_threshold=gate_threshold,
         site_strategy=strategy,
         min_steps=steps if min_steps is None else min_steps,
+        shared_steps=shared_steps,
     )

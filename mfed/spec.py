@@ -178,6 +178,10 @@ class TrainingSpec:
     # 40 images otherwise makes 2 steps a round and needs hundreds of rounds to use what it gets.
     min_steps: int = 0
     site_strategy: SiteStrategy = SiteStrategy.SHARED
+    # A two-track site (fallback) trains its shared track at most this many steps a round (None:
+    # as many as its task track): a data-rich site then spends most of its compute on the model
+    # it deploys, while still contributing a shared-track update every round.
+    shared_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -196,6 +200,8 @@ class TrainingSpec:
             raise SpecError("training.deltaDtype", "use float32, float16 or bfloat16")
         if self.min_steps < 0:
             raise SpecError("training.minSteps", "must be 0 or more")
+        if self.shared_steps is not None and self.shared_steps < 1:
+            raise SpecError("training.sharedSteps", "must be at least 1 (leave it unset for no cap)")
         if self.max_steps is not None and self.min_steps > self.max_steps:
             raise SpecError("training.minSteps", f"is {self.min_steps}, above maxSteps {self.max_steps}")
 
@@ -216,6 +222,7 @@ class TrainingSpec:
                 "maxSteps",
                 "minSteps",
                 "siteStrategy",
+                "sharedSteps",
             ]
         )
         return cls(
@@ -232,6 +239,7 @@ class TrainingSpec:
             max_steps=f.opt_int("maxSteps", minimum=1),
             min_steps=f.int("minSteps", 0, minimum=0),
             site_strategy=SiteStrategy(f.str("siteStrategy", "shared", choices=[s.value for s in SiteStrategy])),
+            shared_steps=f.opt_int("sharedSteps", minimum=1),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -254,6 +262,8 @@ class TrainingSpec:
             out["minSteps"] = self.min_steps
         if self.site_strategy is not SiteStrategy.SHARED:
             out["siteStrategy"] = self.site_strategy.value
+        if self.shared_steps is not None:
+            out["sharedSteps"] = self.shared_steps
         return out
 
 

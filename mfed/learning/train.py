@@ -96,6 +96,11 @@ def planned_steps(
     return steps if max_steps is None else min(steps, max_steps)
 
 
+def shared_track_steps(task_steps: int, shared_steps: int | None) -> int:
+    """Steps of a two-track site's shared track: its task track's, capped by `shared_steps`."""
+    return task_steps if shared_steps is None else min(task_steps, shared_steps)
+
+
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     order = torch.randperm(n, generator=generator)
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]

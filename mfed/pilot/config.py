@@ -48,6 +48,7 @@ class PilotConfig:
     level2_rule: Level2Rule | None = None
     site_strategy: SiteStrategy | None = None
     min_steps: int | None = None
+    shared_steps: int | None = None
     cagrad_c: float = 0.4
     val_fraction: float = 0.2
     test_samples: int = 2000
@@ -82,6 +83,8 @@ class PilotConfig:
             raise PilotConfigError(f"--local-budget is {self.local_budget!r}: use model or site")
         if self.min_steps is not None and self.min_steps < 0:
             raise PilotConfigError("--min-steps must be 0 or more")
+        if self.shared_steps is not None and self.shared_steps < 1:
+            raise PilotConfigError("--shared-steps must be at least 1")
 
     def samples_for(self, task: str) -> int:
         return self.task_samples.get(task, self.samples_per_site)
@@ -109,6 +112,7 @@ class PilotConfig:
             "level2_rule": None if self.level2_rule is None else self.level2_rule.value,
             "site_strategy": None if self.site_strategy is None else self.site_strategy.value,
             "min_steps": self.min_steps,
+            "shared_steps": self.shared_steps,
             "cagrad_c": self.cagrad_c,
             "val_fraction": self.val_fraction,
             "test_samples": self.test_samples,

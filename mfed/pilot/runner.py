@@ -33,7 +33,7 @@ from mfed.artifacts.manifest import ContributionManifest
 from mfed.learning.data import SiteData
 from mfed.learning.encoders import build_encoder
 from mfed.learning.tasks import build_task
-from mfed.learning.train import planned_steps
+from mfed.learning.train import planned_steps, shared_track_steps
 from mfed.methods import Method, MethodPlan, plan_method
 from mfed.pilot.config import PILOT_TASKS, PilotConfig
 from mfed.seeding import derive_seed
@@ -124,13 +124,15 @@ def plan_for(config: PilotConfig, method: Method) -> MethodPlan:
         site_strategy=config.site_strategy,
         min_steps=config.min_steps,
         cagrad_c=config.cagrad_c,
+        shared_steps=config.shared_steps,
     )
 
 
 def federated_steps(config: PilotConfig, samples: int) -> int:
     """The most optimizer steps any federated method of the run gives a site of this size:
     rounds x steps per round (raised by min_steps), per deployed model, or, with
-    `local_budget` "site", for all the models the site trains (x2 for two tracks)."""
+    `local_budget` "site", for all the models the site trains (a two-track site's shared track
+    too, capped by shared_steps)."""
     train = samples - max(1, round(samples * config.val_fraction))
     most = 0
     for method in config.methods:
@@ -139,8 +141,9 @@ def federated_steps(config: PilotConfig, samples: int) -> int:
             per_round = planned_steps(
                 train, epochs=config.epochs, batch_size=config.batch_size, min_steps=plan.min_steps
             )
-            tracks = plan.tracks if config.local_budget == "site" else 1
-            most = max(most, config.rounds * per_round * tracks)
+            if config.local_budget == "site" and plan.tracks == 2:
+                per_round += shared_track_steps(per_round, plan.shared_steps)
+            most = max(most, config.rounds * per_round)
     return most
 
 
@@ -188,6 +191,7 @@ class Federation:
             val_fraction=config.val_fraction,
             min_steps=plan.min_steps,
             site_strategy=plan.site_strategy,
+            shared_steps=plan.shared_steps,
         )
 
     def _prefix(self, round_number: int) -> str:

@@ -56,11 +56,11 @@ def test_each_strategy_method_resolves_to_its_rule_and_site_strategy(
 
 def test_single_fields_override_the_method() -> None:
     r = round_view(
-        training={"method": "auto", "minSteps": 5, "siteStrategy": "mix"},
+        training={"method": "auto", "minSteps": 5, "siteStrategy": "mix", "sharedSteps": 3},
         aggregation={"weighting": "samples", "level2Rule": "gated", "cagradC": 0.8, "gateThreshold": 0.25},
     )
     training, settings = training_spec(r), aggregation_settings(r)
-    assert (training.min_steps, training.site_strategy) == (5, SiteStrategy.MIX)
+    assert (training.min_steps, training.site_strategy, training.shared_steps) == (5, SiteStrategy.MIX, 3)
     assert settings.level2_rule is Level2Rule.GATED
     assert (settings.cagrad_c, settings.gate_threshold) == (0.8, 0.25)
     assert settings.level2_weighting is Level2Weighting.SAMPLES
@@ -76,6 +76,7 @@ def test_single_fields_override_the_method() -> None:
         ({"aggregation": {"gateThreshold": 1.5}}, "spec.aggregation.gateThreshold"),
         ({"training": {"method": "auto", "siteStrategy": "both"}}, "spec.training.siteStrategy"),
         ({"training": {"method": "auto", "minSteps": -2}}, "spec.training.minSteps"),
+        ({"training": {"method": "auto", "sharedSteps": 0}}, "spec.training.sharedSteps"),
         ({"training": {"method": "local"}}, "spec.training.method"),
     ],
 )

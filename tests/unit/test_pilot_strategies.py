@@ -74,6 +74,9 @@ def test_local_budget_covers_the_deployed_models_steps_or_every_step_of_a_two_tr
     strict = PilotConfig(**SCENARIOS["scarce"], methods=(Method.LOCAL, Method.AUTO))  # the default
     assert federated_steps(strict, 50) == 1200 and local_rounds(strict, 50) == 600
     assert local_rounds(strict, 3000) == 60
+    # a capped shared track (20 steps a round) is what the rich site spends beside its own 75
+    capped = PilotConfig(**SCENARIOS["scarce"], methods=(Method.LOCAL, Method.AUTO), shared_steps=20)
+    assert federated_steps(capped, 3000) == 30 * (75 + 20) and federated_steps(capped, 50) == 1200
 
 
 def _config(*argv: str) -> PilotConfig:
@@ -91,6 +94,7 @@ def test_pilot_flags_reach_the_configuration():
         "--cagrad-c=0.2",
         "--shared-layers=1+task",
         "--local-budget=model",
+        "--shared-steps=4",
     )
     assert (config.level2_rule, config.site_strategy, config.min_steps, config.cagrad_c) == (
         Level2Rule.GATED,
@@ -99,7 +103,7 @@ def test_pilot_flags_reach_the_configuration():
         0.2,
     )
     assert config.sharing == SharingPolicy(mode=SharingMode.DEPTH, depth=1, task_level=True)
-    assert config.local_budget == "model"
+    assert config.local_budget == "model" and config.shared_steps == 4
     assert _config().level2_rule is None and _config().local_budget == "site"  # presets decide by default
 
 

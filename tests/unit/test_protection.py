@@ -25,7 +25,7 @@ from mfed.artifacts.manifest import ContributionManifest, GlobalManifest
 from mfed.artifacts.tensorfile import decode_tensors, encode_tensors, sha256_hex
 from mfed.learning import protection
 from mfed.learning.protection import choose_mix, mix_encoders
-from mfed.learning.train import planned_steps
+from mfed.learning.train import planned_steps, shared_track_steps
 from mfed.spec import (
     ArchSpec,
     DataSpec,
@@ -270,3 +270,13 @@ def test_the_gate_state_survives_a_restart_because_it_travels_in_the_global_mani
     second = run(restarted, dict(first.tensors), 2, 1.0)
     assert second.manifest.aggregation["gate"]["agreement"] == pytest.approx({"a": 0.0, "b": 0.0})
     assert second.manifest.aggregation["gateOpen"] == {"a": True, "b": True}  # 0.0 >= threshold 0.0
+
+
+def test_shared_steps_cap_only_the_shared_track_of_a_two_track_site(tmp_path):
+    _init(tmp_path)
+    # 51 training images, batch 32: 2 steps an epoch, raised to 6 by minSteps; the shared track
+    # is capped at 1 step, so the site trains 6 + 1 steps
+    spec = _round(tmp_path, SiteStrategy.FALLBACK, min_steps=6, shared_steps=1)
+    manifest = run_site_round(spec, Storage()).manifest
+    assert manifest.metrics["steps"] == 7
+    assert shared_track_steps(6, 1) == 1 and shared_track_steps(6, None) == 6 and shared_track_steps(6, 9) == 6

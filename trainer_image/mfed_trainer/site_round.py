@@ -47,6 +47,7 @@ from mfed.learning.train import (
     evaluate,
     pick_device,
     planned_steps,
+    shared_track_steps,
     train_local,
 )
 from mfed.seeding import derive_seed
@@ -275,18 +276,20 @@ def _run(
     )
     per_epoch = -(-len(data.train) // spec.training.batch_size)
 
-    def train(site_model: SiteModel, track_seed: int, track_objective: Objective = objective) -> TrainStats:
+    def train(
+        site_model: SiteModel, track_seed: int, track_objective: Objective = objective, track_steps: int = steps
+    ) -> TrainStats:
         return train_local(
             site_model,
             task,
             data.train,
-            epochs=-(-steps // per_epoch),
+            epochs=-(-track_steps // per_epoch),
             batch_size=spec.training.batch_size,
             learning_rate=spec.training.learning_rate,
             objective=track_objective,
             device=device,
             seed=track_seed,
-            max_steps=steps,
+            max_steps=track_steps,
             progress=progress,
         )
 
@@ -308,7 +311,11 @@ def _run(
     decoder = part_state(model, "decoder")
     if state.shared is not None:
         shared_delta, shared_decoder = _train_shared_track(
-            state, train, lambda m: evaluate(m, task, data.val, device=device, seed=eval_seed), seed, metrics
+            state,
+            lambda m, s, o: train(m, s, o, shared_track_steps(steps, spec.training.shared_steps)),
+            lambda m: evaluate(m, task, data.val, device=device, seed=eval_seed),
+            seed,
+            metrics,
         )
         delta, decoder = delta | shared_delta, decoder | shared_decoder
     delta_dtype = StoredDtype.parse(spec.training.delta_dtype)

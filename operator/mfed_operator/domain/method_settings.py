@@ -43,6 +43,7 @@ def method_plan(r: RoundView) -> MethodPlan:
         level2_rule=Level2Rule(r.level2_rule) if r.level2_rule else None,
         site_strategy=SiteStrategy(t.site_strategy) if t.site_strategy else None,
         min_steps=t.min_steps,
+        shared_steps=t.shared_steps,
         cagrad_c=defaults.cagrad_c if r.cagrad_c is None else r.cagrad_c,
         gate_threshold=defaults.gate_threshold if r.gate_threshold is None else r.gate_threshold,
     )
@@ -68,6 +69,7 @@ def training_spec(r: RoundView) -> TrainingSpec:
         max_steps=t.max_steps,
         min_steps=plan.min_steps,
         site_strategy=plan.site_strategy,
+        shared_steps=plan.shared_steps,
     )
 
 

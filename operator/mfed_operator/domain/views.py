@@ -269,6 +269,7 @@ class TrainingView:
     val_fraction: float | None
     min_steps: int | None = None
     site_strategy: str | None = None
+    shared_steps: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -387,6 +388,7 @@ def parse_round(body: Mapping[str, Any]) -> RoundView:
                 val_fraction=_opt_float(training_f, "valFraction"),
                 min_steps=training_f.opt_int("minSteps", minimum=0),
                 site_strategy=_opt_choice(training_f, "siteStrategy", SiteStrategy),
+                shared_steps=training_f.opt_int("sharedSteps", minimum=1),
             ),
             weighting=aggregation.opt_str("weighting"),
             level2_rule=_opt_choice(aggregation, "level2Rule", Level2Rule),

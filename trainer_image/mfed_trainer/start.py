@@ -9,6 +9,7 @@ the same artifacts again makes the same choice.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 
@@ -62,17 +63,21 @@ def start_decoders(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
     """The decoders the site's task-level track and shared track start from, and their origin.
 
-    The site's decoder file holds `decoder.*` and, after a two-track round, `shared.decoder.*`."""
-    if spec.training.decoder_source is DecoderSource.OWN and spec.previous_decoder:
-        try:
+    The site's decoder file holds `decoder.*` and, after a two-track round, `shared.decoder.*`.
+    The task-level track starts from the site's own decoder or the task's global one
+    (`decoderSource`); the shared track always continues its own decoder: nothing averages it."""
+    own_source = spec.training.decoder_source is DecoderSource.OWN
+    two_tracks = spec.training.site_strategy is SiteStrategy.FALLBACK
+    own: dict[str, np.ndarray] = {}
+    if spec.previous_decoder and (own_source or two_tracks):
+        # NotFound: the first round at this site starts from the task's global decoder
+        with contextlib.suppress(NotFound):
             own = decode_tensors(storage.read(spec.previous_decoder)).tensors
-        except NotFound:
-            pass  # first round at this site: start from the task's global decoder
-        else:
-            first = {k: v for k, v in own.items() if not k.startswith(SHARED_TRACK)}
-            second = {k.removeprefix(SHARED_TRACK): v for k, v in own.items() if k.startswith(SHARED_TRACK)}
-            return first, second or first, "own"
-    return global_decoder, global_decoder, "global"
+    first = {k: v for k, v in own.items() if not k.startswith(SHARED_TRACK)}
+    second = {k.removeprefix(SHARED_TRACK): v for k, v in own.items() if k.startswith(SHARED_TRACK)}
+    if own_source and first:
+        return first, second or first, "own"
+    return global_decoder, second or global_decoder, "global"
 
 
 def gate_open(manifest: GlobalManifest, task: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,7 +69,7 @@ def start_decoders(
     (`decoderSource`); the shared track always continues its own decoder: nothing averages it."""
     own_source = spec.training.decoder_source is DecoderSource.OWN
     two_tracks = spec.training.site_strategy is SiteStrategy.FALLBACK
-    own: dict[str, np.ndarray] = {}
+    own: Mapping[str, np.ndarray] = {}
     if spec.previous_decoder and (own_source or two_tracks):
         # NotFound: the first round at this site starts from the task's global decoder
         with contextlib.suppress(NotFound):

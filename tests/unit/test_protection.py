@@ -29,6 +29,7 @@ from mfed.learning.train import planned_steps, shared_track_steps
 from mfed.spec import (
     ArchSpec,
     DataSpec,
+    DecoderSource,
     InitSpec,
     RoundSpec,
     SharingMode,
@@ -210,6 +211,24 @@ def test_the_shared_track_decoder_persists_in_the_sites_own_decoder_file(tmp_pat
         np.testing.assert_array_equal(value.numpy(), uploaded[f"shared.decoder.{name}"])
     for name, value in state.model.decoder.state_dict().items():
         np.testing.assert_array_equal(value.numpy(), uploaded[f"decoder.{name}"])
+
+
+def test_with_the_global_decoder_source_only_the_task_track_starts_from_the_tasks_decoder(tmp_path):
+    # auto: the task-level track is Task-FedAvg (D_tau), the shared track keeps its own decoder
+    _init(tmp_path)
+    storage = Storage()
+    run_site_round(_round(tmp_path, SiteStrategy.FALLBACK, decoder_source=DecoderSource.GLOBAL), storage)
+    _rewrite_global(tmp_path, "r1", lambda t, a: (t, a))
+    uploaded = decode_tensors(storage.read(str(tmp_path / "r1" / "sites" / "cls-a" / "decoder.safetensors"))).tensors
+    _, global_tensors = read_global_model(storage, str(tmp_path / "r1" / "global"))
+    spec = _round(tmp_path, SiteStrategy.FALLBACK, round_number=2, decoder_source=DecoderSource.GLOBAL)
+    state = prepare_start(spec, storage)
+    assert state.shared is not None and state.decoder_origin == "global"
+    for name, value in state.shared.model.decoder.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), uploaded[f"shared.decoder.{name}"])
+    for name, value in state.model.decoder.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), global_tensors[f"tasks.cls10.decoder.{name}"])
+        assert not np.array_equal(value.numpy(), uploaded[f"decoder.{name}"])
 
 
 def test_a_mix_round_records_its_probe_and_start_and_scoring_makes_the_same_choice(tmp_path):

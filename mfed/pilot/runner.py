@@ -114,6 +114,19 @@ def steps_per_round(config: PilotConfig, samples: int) -> int:
 
 
 def plan_for(config: PilotConfig, method: Method) -> MethodPlan:
+    plan = _plan(config, method)
+    return replace(plan, min_steps=local_round_steps(config)) if method is Method.LOCAL else plan
+
+
+def local_round_steps(config: PilotConfig) -> int:
+    """Local trains in rounds at least as long as the longest minimum of the run's federated
+    methods: a 40-image Local site would otherwise make 2-step rounds, its optimizer state reset
+    every 2 steps, a handicap no federated site with 20-step rounds has."""
+    plans = [_plan(config, m) for m in config.methods]
+    return max((p.min_steps for p in plans if p.federated), default=0)
+
+
+def _plan(config: PilotConfig, method: Method) -> MethodPlan:
     return plan_method(
         method,
         sharing=config.sharing,
@@ -151,7 +164,11 @@ def local_rounds(config: PilotConfig, samples: int) -> int:
     """Rounds (of `epochs` each) a Local site trains: never fewer steps than a federated site of
     the same size gets (federated_steps), and at least `local_min_steps`."""
     budget = max(config.local_min_steps, federated_steps(config, samples))
-    return max(config.rounds, -(-budget // steps_per_round(config, samples)))
+    train = samples - max(1, round(samples * config.val_fraction))
+    per_round = planned_steps(
+        train, epochs=config.epochs, batch_size=config.batch_size, min_steps=local_round_steps(config)
+    )
+    return max(config.rounds, -(-budget // per_round))
 
 
 def curve_checkpoints(rounds: int, points: int) -> dict[int, int]:

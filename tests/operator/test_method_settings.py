@@ -16,7 +16,7 @@ from mfed_operator.domain.views import ResourceError, parse_round
 
 from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
 from mfed.methods import AUTO_MIN_STEPS, Method, plan_method
-from mfed.spec import Regularizer, SharingMode, SiteStrategy
+from mfed.spec import DecoderSource, Regularizer, SharingMode, SiteStrategy
 from tests.operator.builders import round_body, round_view, site
 
 
@@ -25,7 +25,8 @@ def test_auto_means_what_the_pilot_means() -> None:
     training, settings = training_spec(r), aggregation_settings(r)
     pilot = plan_method(Method.AUTO)
     assert training.site_strategy is SiteStrategy.FALLBACK is pilot.site_strategy
-    assert training.min_steps == AUTO_MIN_STEPS
+    assert training.min_steps == AUTO_MIN_STEPS == training.shared_steps
+    assert training.decoder_source is DecoderSource.GLOBAL  # the task-level track is Task-FedAvg
     assert training.regularizer is Regularizer.NONE and training.mu == 0.0
     assert settings == pilot.aggregation and settings.level2_rule is Level2Rule.CAGRAD
     # auto shares the whole encoder with task-level copies, whatever sharing the round names

@@ -11,7 +11,7 @@ from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
 from mfed.cli import _pilot_parser, config_from_args, main
 from mfed.methods import AUTO_MIN_STEPS, Method, plan_method
 from mfed.pilot.config import SCENARIOS, PilotConfig
-from mfed.pilot.runner import federated_steps, local_rounds
+from mfed.pilot.runner import federated_steps, local_rounds, plan_for
 from mfed.spec import Regularizer, SharingMode, SharingPolicy, SiteStrategy
 
 
@@ -65,18 +65,22 @@ def test_method_names_parse_with_dashes_and_unknown_names_list_the_choices():
 
 def test_local_budget_covers_the_deployed_models_steps_or_every_step_of_a_two_track_site():
     # Scarce: a 50-image site has 40 training images: 2 steps an epoch, raised to 20 by auto's
-    # minimum, so 30 x 20 = 600 steps per model; Local's 1000-step floor is larger (500 rounds).
-    # Counting both tracks (1200 steps) gives Local 600 rounds. A 3000-image site: 75 steps a round,
-    # 2250 per model (30 rounds of Local), 4500 for the site (60 rounds).
+    # minimum, so 30 x 20 = 600 steps per model; Local's 1000-step floor is larger. Local trains in
+    # rounds of at least auto's 20 steps too (its optimizer is not reset every 2 steps): 50 rounds.
+    # Counting both tracks (1200 steps) gives Local 60 rounds. A 3000-image site: 75 steps a round,
+    # 2250 for the deployed model (30 rounds of Local); its shared track is capped at auto's 20
+    # steps a round, so the site trains 30 x 95 = 2850 steps (38 Local rounds); uncapped, 4500.
     scarce = PilotConfig(**SCENARIOS["scarce"], methods=(Method.LOCAL, Method.AUTO), local_budget="model")
-    assert federated_steps(scarce, 50) == 600 and local_rounds(scarce, 50) == 500
+    assert federated_steps(scarce, 50) == 600 and local_rounds(scarce, 50) == 50
+    assert plan_for(scarce, Method.LOCAL).min_steps == 20
     assert federated_steps(scarce, 3000) == 2250 and local_rounds(scarce, 3000) == 30
     strict = PilotConfig(**SCENARIOS["scarce"], methods=(Method.LOCAL, Method.AUTO))  # the default
-    assert federated_steps(strict, 50) == 1200 and local_rounds(strict, 50) == 600
-    assert local_rounds(strict, 3000) == 60
-    # a capped shared track (20 steps a round) is what the rich site spends beside its own 75
-    capped = PilotConfig(**SCENARIOS["scarce"], methods=(Method.LOCAL, Method.AUTO), shared_steps=20)
-    assert federated_steps(capped, 3000) == 30 * (75 + 20) and federated_steps(capped, 50) == 1200
+    assert federated_steps(strict, 50) == 1200 and local_rounds(strict, 50) == 60
+    assert federated_steps(strict, 3000) == 30 * (75 + 20) and local_rounds(strict, 3000) == 38
+    uncapped = PilotConfig(**SCENARIOS["scarce"], methods=(Method.LOCAL, Method.AUTO), shared_steps=10_000)
+    assert federated_steps(uncapped, 3000) == 4500 and local_rounds(uncapped, 3000) == 60
+    # without a minimum in the run, Local keeps the site's natural rounds (the default pilot)
+    assert plan_for(PilotConfig(), Method.LOCAL).min_steps == 0
 
 
 def _config(*argv: str) -> PilotConfig:

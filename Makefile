@@ -18,7 +18,7 @@ pilot: bootstrap
 
 # Where cross-task sharing pays: label-scarce sites beside data-rich ones (docs/strategies.md)
 pilot-scarce: bootstrap
-	$(BIN)/mfed pilot --scenario scarce --methods local,encoder_fedavg,auto --out runs/pilot-scarce $(PILOT_ARGS)
+	$(BIN)/mfed pilot --scenario scarce --methods local,auto --out runs/pilot-scarce $(PILOT_ARGS)
 
 pilot-quick: bootstrap
 	$(BIN)/mfed pilot --quick $(PILOT_ARGS)

@@ -149,7 +149,7 @@ def federated_steps(config: PilotConfig, samples: int) -> int:
     train = samples - max(1, round(samples * config.val_fraction))
     most = 0
     for method in config.methods:
-        plan = plan_for(config, method)
+        plan = _plan(config, method)
         if plan.federated:
             per_round = planned_steps(
                 train, epochs=config.epochs, batch_size=config.batch_size, min_steps=plan.min_steps

@@ -11,7 +11,11 @@ from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, MODEL_FILE
 from mfed.artifacts.manifest import ContributionManifest, FileRef, GlobalManifest, TaskGroupInfo
 from mfed.artifacts.signature import Signature
 from mfed.artifacts.tensorfile import StoredDtype, encode_tensors, sha256_hex
-from mfed.spec import ArchSpec, SharingPolicy
+from mfed.spec import ArchSpec, SharingPolicy, TaskGroupSpec, TaskSpec
+
+# Two real task groups (small CNN encoder) for trainer-level tests.
+CLS = TaskGroupSpec(task=TaskSpec(name="cls10", type="classification"), decoder=ArchSpec(name="mlp"))
+DENOISE = TaskGroupSpec(task=TaskSpec(name="denoise", type="denoise"), decoder=ArchSpec(name="upsample"))
 
 ENCODER_SHAPES = {"encoder.stages.0.weight": (3, 4), "encoder.stages.0.bias": (3,), "encoder.stages.1.weight": (2, 3)}
 DECODER_SHAPES = {"a": {"decoder.0.weight": (5, 2)}, "b": {"decoder.0.weight": (1, 2), "decoder.0.bias": (1,)}}

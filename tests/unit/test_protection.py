@@ -35,15 +35,11 @@ from mfed.spec import (
     SharingMode,
     SharingPolicy,
     SiteStrategy,
-    TaskGroupSpec,
-    TaskSpec,
     TrainingSpec,
 )
 from mfed.storage import Storage
-from tests.unit.factories import make_base, make_contribution
+from tests.unit.factories import CLS, DENOISE, make_base, make_contribution
 
-CLS = TaskGroupSpec(task=TaskSpec(name="cls10", type="classification"), decoder=ArchSpec(name="mlp"))
-DENOISE = TaskGroupSpec(task=TaskSpec(name="denoise", type="denoise"), decoder=ArchSpec(name="upsample"))
 DUAL = SharingPolicy(task_level=True)
 
 

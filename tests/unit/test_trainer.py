@@ -24,14 +24,11 @@ from mfed.spec import (
     InitSpec,
     RoundSpec,
     SharingPolicy,
-    TaskGroupSpec,
     TaskSpec,
     TrainingSpec,
 )
 from mfed.storage import Storage
-
-CLS = TaskGroupSpec(task=TaskSpec(name="cls10", type="classification"), decoder=ArchSpec(name="mlp"))
-DENOISE = TaskGroupSpec(task=TaskSpec(name="denoise", type="denoise"), decoder=ArchSpec(name="upsample"))
+from tests.unit.factories import CLS, DENOISE
 
 
 def _init(root: Path) -> InitSpec:

@@ -145,33 +145,28 @@ def assemble_start(
     load_part(model, "decoder", start_decoder)
     dual = tuple(dual_keys(global_tensors, spec.task.name))
     strategy = spec.training.site_strategy
+    alpha: float = 0.0
+    evidence: dict[str, float] = {}
+    track: Track | None = None
     if not dual:
+        # the literal layout: one encoder per task, nothing to mix or fall back to
         if strategy is not SiteStrategy.SHARED:
             raise StartError(
                 f"siteStrategy {strategy.value} needs task-level copies of the shared encoder parameters "
                 "(sharing.taskLevel: true, and at least one shared parameter)"
             )
-        load_part(model, "encoder", task_level)
-        return StartState(
-            global_manifest=global_manifest,
-            info=info,
-            model=model,
-            task=task,
-            start_encoder=task_level,
-            task_decoder=task_decoder,
-            decoder_origin=decoder_origin,
-        )
-    shared = shared_view(global_tensors, spec.task.name)
-    alpha, evidence = choose_start_mix(spec, global_manifest, model, task, data, shared, task_level, dual)
-    track = None
-    if strategy is SiteStrategy.FALLBACK:
-        second = copy.deepcopy(model)
-        load_part(second, "encoder", shared)
-        load_part(second, "decoder", shared_decoder)
-        track = Track(model=second, start_encoder=shared)
-    start = mix_encoders(shared, task_level, alpha, dual) if alpha else task_level
+        start = task_level
+    else:
+        shared = shared_view(global_tensors, spec.task.name)
+        alpha, evidence = choose_start_mix(spec, global_manifest, model, task, data, shared, task_level, dual)
+        if strategy is SiteStrategy.FALLBACK:
+            second = copy.deepcopy(model)
+            load_part(second, "encoder", shared)
+            load_part(second, "decoder", shared_decoder)
+            track = Track(model=second, start_encoder=shared)
+        start = mix_encoders(shared, task_level, alpha, dual) if alpha else task_level
+        evidence["start_alpha"] = alpha
     load_part(model, "encoder", start)
-    evidence["start_alpha"] = alpha
     return StartState(
         global_manifest=global_manifest,
         info=info,

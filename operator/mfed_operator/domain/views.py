@@ -392,12 +392,8 @@ def parse_round(body: Mapping[str, Any]) -> RoundView:
             ),
             weighting=aggregation.opt_str("weighting"),
             level2_rule=_opt_choice(aggregation, "level2Rule", Level2Rule),
-            cagrad_c=None if not aggregation.has("cagradC") else aggregation.float("cagradC", minimum=0),
-            gate_threshold=(
-                None
-                if not aggregation.has("gateThreshold")
-                else aggregation.float("gateThreshold", minimum=-1, maximum=1)
-            ),
+            cagrad_c=_opt_float(aggregation, "cagradC", minimum=0),
+            gate_threshold=_opt_float(aggregation, "gateThreshold", minimum=-1, maximum=1),
             min_sites=aggregation.opt_int("minSites", minimum=1),
             deadline_seconds=aggregation.opt_int("deadlineSeconds", minimum=1),
             storage=StorageView(
@@ -421,8 +417,8 @@ def parse_round(body: Mapping[str, Any]) -> RoundView:
         raise ResourceError(str(exc)) from None
 
 
-def _opt_float(f: Fields, name: str) -> float | None:
-    return None if not f.has(name) else f.float(name)
+def _opt_float(f: Fields, name: str, *, minimum: float | None = None, maximum: float | None = None) -> float | None:
+    return None if not f.has(name) else f.float(name, minimum=minimum, maximum=maximum)
 
 
 def _opt_choice(f: Fields, name: str, choices: type[StrEnum]) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
@@ -11,7 +12,7 @@ from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, MODEL_FILE
 from mfed.artifacts.manifest import ContributionManifest, FileRef, GlobalManifest, TaskGroupInfo
 from mfed.artifacts.signature import Signature
 from mfed.artifacts.tensorfile import StoredDtype, encode_tensors, sha256_hex
-from mfed.spec import ArchSpec, SharingPolicy, TaskGroupSpec, TaskSpec
+from mfed.spec import ArchSpec, DataSpec, RoundSpec, SharingPolicy, TaskGroupSpec, TaskSpec, TrainingSpec
 
 # Two real task groups (small CNN encoder) for trainer-level tests.
 CLS = TaskGroupSpec(task=TaskSpec(name="cls10", type="classification"), decoder=ArchSpec(name="mlp"))
@@ -88,3 +89,24 @@ def make_contribution(
         start_mix=dict(start_mix or {}),
     )
     return manifest, delta_bytes, decoder_bytes, delta, decoder
+
+
+def site_round_spec(
+    root: Path, *, site: str, group: TaskGroupSpec, round_number: int, training: TrainingSpec, data: DataSpec
+) -> RoundSpec:
+    """A round of the small-CNN federation laid out under `root` (r<N>/global, r<N>/sites/<site>),
+    starting from the previous round's model and, after round 1, the site's own last decoder."""
+    previous = str(root / f"r{round_number - 1}" / "sites" / site / "decoder.safetensors") if round_number > 1 else None
+    return RoundSpec(
+        federation="fed",
+        round=round_number,
+        site=site,
+        task=group.task,
+        encoder=ArchSpec(name="small_cnn"),
+        decoder=group.decoder,
+        training=training,
+        data=data,
+        global_model=str(root / f"r{round_number - 1}" / "global"),
+        previous_decoder=previous,
+        output=str(root / f"r{round_number}" / "sites" / site),
+    )

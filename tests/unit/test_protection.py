@@ -38,7 +38,7 @@ from mfed.spec import (
     TrainingSpec,
 )
 from mfed.storage import Storage
-from tests.unit.factories import CLS, DENOISE, make_base, make_contribution
+from tests.unit.factories import CLS, DENOISE, make_base, make_contribution, site_round_spec
 
 DUAL = SharingPolicy(task_level=True)
 
@@ -56,19 +56,13 @@ def _init(root: Path, sharing: SharingPolicy = DUAL) -> None:
 
 
 def _round(root: Path, strategy: SiteStrategy, site="cls-a", group=CLS, round_number=1, **training) -> RoundSpec:
-    previous = str(root / f"r{round_number - 1}" / "sites" / site / "decoder.safetensors") if round_number > 1 else None
-    return RoundSpec(
-        federation="fed",
-        round=round_number,
+    return site_round_spec(
+        root,
         site=site,
-        task=group.task,
-        encoder=ArchSpec(name="small_cnn"),
-        decoder=group.decoder,
+        group=group,
+        round_number=round_number,
         training=TrainingSpec(site_strategy=strategy, device="cpu", **training),
         data=DataSpec(shard_index=0 if group is CLS else 1, shard_count=8, samples=64, test_samples=20),
-        global_model=str(root / f"r{round_number - 1}" / "global"),
-        previous_decoder=previous,
-        output=str(root / f"r{round_number}" / "sites" / site),
     )
 
 

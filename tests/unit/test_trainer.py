@@ -28,7 +28,7 @@ from mfed.spec import (
     TrainingSpec,
 )
 from mfed.storage import Storage
-from tests.unit.factories import CLS, DENOISE
+from tests.unit.factories import CLS, DENOISE, site_round_spec
 
 
 def _init(root: Path) -> InitSpec:
@@ -43,19 +43,13 @@ def _init(root: Path) -> InitSpec:
 
 
 def _round(root: Path, site="site-a", group=CLS, round_number=1, **training) -> RoundSpec:
-    previous = str(root / f"r{round_number - 1}" / "sites" / site / "decoder.safetensors") if round_number > 1 else None
-    return RoundSpec(
-        federation="fed",
-        round=round_number,
+    return site_round_spec(
+        root,
         site=site,
-        task=group.task,
-        encoder=ArchSpec(name="small_cnn"),
-        decoder=group.decoder,
+        group=group,
+        round_number=round_number,
         training=TrainingSpec(**training),
         data=DataSpec(shard_index=0, shard_count=8, samples=64, test_samples=0),
-        global_model=str(root / f"r{round_number - 1}" / "global"),
-        previous_decoder=previous,
-        output=str(root / f"r{round_number}" / "sites" / site),
     )
 
 

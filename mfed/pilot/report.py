@@ -29,12 +29,32 @@ def task_of(site: str) -> str:
     return site.rsplit("-", 1)[0]
 
 
+def _mean_by_task(scores: Mapping[str, float]) -> dict[str, float]:
+    by_task: dict[str, list[float]] = {}
+    for site, value in sorted(scores.items()):
+        by_task.setdefault(task_of(site), []).append(value)
+    return {task: statistics.fmean(values) for task, values in sorted(by_task.items())}
+
+
 def task_metrics(run: MethodRun) -> dict[str, float]:
     """Mean over a task's sites of each site's validation-selected test score."""
-    by_task: dict[str, list[float]] = {}
-    for site, selection in sorted(run.sites.items()):
-        by_task.setdefault(task_of(site), []).append(selection.test)
-    return {task: statistics.fmean(values) for task, values in sorted(by_task.items())}
+    return _mean_by_task({site: selection.test for site, selection in run.sites.items()})
+
+
+# The deployed model after the last round, and (two-track methods) each track's.
+FINAL_VIEWS = ("deployed", "task", "shared")
+
+
+def final_metrics(run: MethodRun, view: str) -> dict[str, float] | None:
+    """Per task, the test score after the last round: no choice over rounds, so none of the
+    validation noise of picking the best of many rounds on a small split. `view` "task" or
+    "shared" is one track of a two-track method (None when not every site has tracks)."""
+    last = run.curve[-1]
+    if view == "deployed":
+        return _mean_by_task(last.test)
+    if set(last.tracks) != set(last.test):
+        return None
+    return _mean_by_task({site: tracks[view] for site, tracks in last.tracks.items()})
 
 
 def delta_m(metrics: Mapping[str, float], local: Mapping[str, float], higher_is_better: Mapping[str, bool]) -> float:
@@ -119,6 +139,7 @@ def summarize(
             },
             "protection": protection_summary(seeds),
             "per_round": _mean_curve(list(seeds.values())),
+            "final_round": _final_round(seeds, local, higher_is_better),
         }
     return {
         "config": dict(config),
@@ -128,6 +149,52 @@ def summarize(
         "seconds": seconds,
         "methods": methods,
     }
+
+
+def _final_round(
+    seeds: Mapping[int, MethodRun], local: Mapping[int, MethodRun], higher_is_better: Mapping[str, bool]
+) -> dict[str, Any]:
+    """Per view (FINAL_VIEWS) present for every seed: mean test per task after the last round
+    and dm% against Local's model after its last round (the same rule for both)."""
+    out: dict[str, Any] = {}
+    for view in FINAL_VIEWS:
+        per_seed = {seed: final_metrics(run, view) for seed, run in sorted(seeds.items())}
+        if any(m is None for m in per_seed.values()):
+            continue
+        complete = {seed: m for seed, m in per_seed.items() if m is not None}
+        baseline = {seed: final_metrics(local[seed], "deployed") for seed in complete}
+        tasks = sorted(next(iter(complete.values())))
+        out[view] = {
+            "metrics": {t: statistics.fmean(m[t] for m in complete.values()) for t in tasks},
+            "delta_m": statistics.fmean(
+                delta_m(m, baseline[seed] or {}, higher_is_better) for seed, m in complete.items()
+            ),
+        }
+    return out
+
+
+def _render(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return lines
+
+
+def _final_round_lines(results: Mapping[str, Any], tasks: list[str]) -> list[str]:
+    """The models after the last round: what a site gets without choosing a round on its
+    validation split, and for two-track methods what each track alone would have given."""
+    labels = {"deployed": "", "task": ", task-level track", "shared": ", shared track"}
+    rows = [["after the last round", *tasks, "dm% vs Local"]]
+    for method in results["methods"].values():
+        for view, block in (method.get("final_round") or {}).items():
+            metrics = [f"{block['metrics'][t]:.2f}" for t in tasks]
+            rows.append([method["label"] + labels[view], *metrics, f"{block['delta_m']:+.2f}"])
+    if len(rows) == 1:
+        return []
+    return ["", *_render(rows), "no choice over rounds: the validation-selected round above is noisy on small splits"]
 
 
 def format_table(results: Mapping[str, Any]) -> str:
@@ -141,12 +208,7 @@ def format_table(results: Mapping[str, Any]) -> str:
             cells.append(f"{value:.2f}" + (f" ±{spread:.2f}" if len(method["metrics_per_seed"]) > 1 else ""))
         cells += [f"{method['delta_m']:+.2f}", str(method["steps_per_site"])]
         rows.append(cells)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-        for r in rows
-    ]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = _render(rows)
     seeds = ", ".join(next(iter(results["methods"].values()))["metrics_per_seed"])
     lines.append(f"mean over seeds {seeds}; each site's model chosen on its own validation split")
     for method in results["methods"].values():
@@ -157,6 +219,7 @@ def format_table(results: Mapping[str, Any]) -> str:
         elif any("start_alpha" in v for v in protection.values()):
             used = ", ".join(f"{t} {v['start_alpha']:.2f}" for t, v in protection.items() if "start_alpha" in v)
             lines.append(f"{method['label']}: mean share of the shared encoder in the selected models: {used}")
+    lines += _final_round_lines(results, tasks)
     return "\n".join(lines)
 
 

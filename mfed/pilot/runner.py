@@ -54,11 +54,15 @@ class PilotSite:
 
 @dataclass(frozen=True)
 class CurvePoint:
-    """Point k of a method's learning curve: each site's steps so far and its test score."""
+    """Point k of a method's learning curve: each site's steps so far and its test score.
+
+    `tracks` holds, for two-track sites, the test score of each track ("task", "shared"), the
+    deployed one included: what the site would have got had its validation split chosen otherwise."""
 
     index: int
     steps: dict[str, int]
     test: dict[str, float]
+    tracks: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -324,7 +328,7 @@ def _select(
     The test score may be filled in later (nan until then): selection never looks at it."""
     if not _improves(run.sites.get(site), scores["val"], higher_is_better):
         return False
-    evidence = {k: v for k, v in sorted(scores.items()) if k not in ("val", "test")}
+    evidence = {k: v for k, v in sorted(scores.items()) if k != "val" and not k.startswith("test")}
     run.sites[site] = SiteSelection(
         round=round_number, steps=steps, val=scores["val"], test=scores.get("test", math.nan), evidence=evidence
     )
@@ -372,6 +376,11 @@ def run_method(
                         point = points.setdefault(index, CurvePoint(index=index, steps={}, test={}))
                         point.steps[site.name] = total_steps
                         point.test[site.name] = scores["test"]
+                        if "test_shared_track" in scores:
+                            point.tracks[site.name] = {
+                                "task": scores["test_task_track"],
+                                "shared": scores["test_shared_track"],
+                            }
             for site in group:
                 if math.isnan(run.sites[site.name].test):
                     run.sites[site.name].test = federation.score_best(site)["test"]

@@ -10,8 +10,17 @@ import pytest
 from mfed.cli import main
 from mfed.methods import Method
 from mfed.pilot.config import PilotConfig, PilotConfigError
-from mfed.pilot.report import delta_m
-from mfed.pilot.runner import MethodRun, _select, curve_checkpoints, local_rounds, pilot_sites, steps_per_round
+from mfed.pilot.report import delta_m, final_metrics, format_table, summarize
+from mfed.pilot.runner import (
+    CurvePoint,
+    MethodRun,
+    SiteSelection,
+    _select,
+    curve_checkpoints,
+    local_rounds,
+    pilot_sites,
+    steps_per_round,
+)
 
 
 def test_quick_pilot_runs_every_method_and_writes_table_json_and_plot(tmp_path, capsys):
@@ -59,6 +68,31 @@ def test_each_site_reports_the_round_with_the_best_validation_score_not_the_best
     for round_number, (val, test) in enumerate([(0.5, 1.0), (0.2, 3.0)], start=1):
         _select(run, "mae-0", round_number, 0, {"val": val, "test": test}, higher_is_better=False)
     assert run.sites["mae-0"].round == 2
+
+
+def test_after_the_last_round_each_view_is_averaged_per_task_and_compared_with_locals_last_round():
+    def run(method, test, tracks=None):
+        point = CurvePoint(index=30, steps=dict.fromkeys(test, 240), test=test, tracks=tracks or {})
+        early = CurvePoint(index=1, steps=dict.fromkeys(test, 8), test=dict.fromkeys(test, 10.0))
+        selected = {site: SiteSelection(round=1, steps=8, val=1.0, test=50.0) for site in test}
+        return MethodRun(method=method, seed=0, sites=selected, curve=[early, point], steps_per_site={"cls10-0": 8})
+
+    local = run(Method.LOCAL, {"cls10-0": 50.0, "cls10-1": 70.0})
+    auto = run(
+        Method.AUTO,
+        {"cls10-0": 66.0, "cls10-1": 54.0},
+        {"cls10-0": {"task": 60.0, "shared": 66.0}, "cls10-1": {"task": 54.0, "shared": 48.0}},
+    )
+    assert final_metrics(local, "deployed") == {"cls10": 60.0}
+    assert final_metrics(local, "shared") is None  # a one-track method has no tracks
+    assert final_metrics(auto, "task") == {"cls10": 57.0} and final_metrics(auto, "shared") == {"cls10": 57.0}
+    results = summarize([local, auto], {}, {"cls10": True}, {"cls10": "accuracy"}, 1.0)
+    final = results["methods"]["auto"]["final_round"]
+    assert set(final) == {"deployed", "task", "shared"}
+    assert final["deployed"]["delta_m"] == pytest.approx(0.0)  # 60 against Local's 60
+    assert final["task"]["delta_m"] == pytest.approx(-5.0)  # 57 against 60
+    assert set(results["methods"]["local"]["final_round"]) == {"deployed"}
+    assert "auto (recommended), shared track" in format_table(results)
 
 
 def test_delta_m_follows_the_metric_direction():

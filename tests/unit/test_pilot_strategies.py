@@ -126,5 +126,9 @@ def test_quick_pilot_of_auto_reports_each_sites_protection_choice(tmp_path, caps
     assert all(0.0 <= v["shared"] <= 1.0 for v in auto["protection"].values())
     evidence = auto["selected"]["0"]["cls10-0"]["evidence"]
     assert {"shared", "val_shared_track", "val_task_track"} <= set(evidence)
+    assert not any(key.startswith("test") for key in evidence)  # test scores never sit beside the choice
+    # After the last round: the deployed models, and each track alone (both scored on test).
+    assert set(auto["final_round"]) == {"deployed", "task", "shared"}
+    assert "after the last round" in printed and "auto (recommended), task-level track" in printed
     # Fairness: Local trains at least the steps of the model auto deploys (half of a two-track site's).
     assert results["methods"]["local"]["steps_per_site"] >= auto["steps_per_site"] / 2

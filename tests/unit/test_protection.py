@@ -165,6 +165,9 @@ def test_a_two_track_site_deploys_the_track_that_scores_better_on_its_own_valida
     assert scores["shared"] == deployed  # ties keep the task level
     assert scores["val"] == pytest.approx(max(shared_value, task_value))
     assert (scores["val_task_track"], scores["val_shared_track"]) == pytest.approx((task_value, shared_value))
+    # Both tracks are scored on the test split too; "test" is the deployed track's.
+    assert (scores["test_task_track"], scores["test_shared_track"]) == pytest.approx((task_value, shared_value))
+    assert scores["test"] == pytest.approx(shared_value if deployed else task_value)
 
 
 def test_a_two_track_round_uploads_both_tracks_and_its_evidence_and_the_aggregator_accepts_it(tmp_path):

@@ -226,7 +226,9 @@ def evaluate_start(
     and `want_test(validation score)` says so (test scoring is the expensive part).
 
     The model scored is the one the site deploys: for a two-track site the track that is better
-    on validation ("shared": 1.0 when it is the shared track); "alpha" is the start mix."""
+    on validation ("shared": 1.0 when it is the shared track); "alpha" is the start mix. When a
+    two-track site is scored on test, both tracks are ("test_task_track", "test_shared_track"):
+    what each would have given, to show how well the validation split chose."""
     state = prepare_start(spec, storage, data)
     device = pick_device(spec.training.device)
     eval_seed = derive_seed("eval", spec.site)
@@ -240,7 +242,14 @@ def evaluate_start(
         if is_better(state.task, shared_val, val):
             model, scores["val"], scores["shared"] = state.shared.model, shared_val, 1.0
     if data.test is not None and want_test(scores["val"]):
-        scores["test"] = evaluate(model, state.task, data.test, device=device, seed=derive_seed("test", spec.task.name))
+        test_seed = derive_seed("test", spec.task.name)
+        scores["test"] = evaluate(model, state.task, data.test, device=device, seed=test_seed)
+        if state.shared is not None:
+            other = state.model if model is state.shared.model else state.shared.model
+            other_test = evaluate(other, state.task, data.test, device=device, seed=test_seed)
+            deployed_shared = model is state.shared.model
+            scores["test_shared_track"] = scores["test"] if deployed_shared else other_test
+            scores["test_task_track"] = other_test if deployed_shared else scores["test"]
     return scores
 
 

@@ -3,9 +3,12 @@
     L_k = mean task loss of D_k(E_k(x)) + (mu/2) * ||theta(D_k) - theta(D_tau)||^2      (l2)
     L_k = mean task loss + mu * d(D_k(E_k(x)), D_tau(E_k(x)))                             (distill)
 
-D_tau, the task's global decoder from the last round, is frozen during the round. On CUDA the
-forward pass runs under bf16 autocast and losses are accumulated on the device: the only host
-syncs are at the end of training.
+D_tau, the task's global decoder from the last round, is frozen during the round. Losses are
+accumulated on the device: the only host syncs are at the end of training. On CUDA training runs
+in float32 (cuDNN convolutions in TF32, PyTorch's default), not under bf16 autocast: for these
+small models autocast was slower, 0.88x on the default encoder and 0.98x on ResNet-18
+(`bench/trainer_throughput.py` on an H100, docs/results.md), and it rounded what evaluation
+measures (PSNR) to bf16.
 """
 
 from __future__ import annotations
@@ -135,7 +138,6 @@ def train_local(
     total_steps = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
     sums = {"task": torch.zeros((), device=device), "regularizer": torch.zeros((), device=device)}
     steps = examples = 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     while steps < total_steps:
         for index in _batches(len(train), batch_size, generator):
             if steps >= total_steps:
@@ -143,8 +145,7 @@ def train_local(
             inputs, targets = task.train_pairs(x_all[index], y_all[index], generator)
             inputs = inputs.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            with autocast:
-                losses = compute_losses(model, task, inputs, targets, objective)
+            losses = compute_losses(model, task, inputs, targets, objective)
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()  # type: ignore[no-untyped-call]
             optimizer.step()
@@ -175,12 +176,10 @@ def evaluate(
     x_all, y_all = torch.from_numpy(split.x), torch.from_numpy(split.y)
     inputs_all, targets_all = task.eval_pairs(x_all, y_all, seed)
     total = torch.zeros((), device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for start in range(0, len(split), batch_size):
         inputs = inputs_all[start : start + batch_size].to(device, non_blocking=True)
         targets = targets_all[start : start + batch_size].to(device, non_blocking=True)
-        with autocast:
-            prediction = model(inputs)
+        prediction = model(inputs)
         total += task.metric_sum(prediction, targets)
     return float(total) / max(len(split), 1)
 

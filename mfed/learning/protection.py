@@ -7,7 +7,8 @@ Two ways (SiteStrategy in mfed.spec, docs/strategies.md):
   trained with (measured: it collapses to alpha 0), so each candidate first gets a short
   decoder-only refit on the training split (a "probe"), then is scored on validation.
 - fallback: the site trains two tracks, its task-level one and the shared one, and deploys the
-  one that scores better on validation (ties: the task level). Costs two trainings per round,
+  one that scores better on validation (ties: the task level; under MIN_CHOICE_SAMPLES
+  validation examples: always the task level). Costs two trainings per round,
   and is the one that guarantees the site never ends below not sharing.
 
 Only the site's own validation split is ever used to decide; test data never is.
@@ -30,6 +31,10 @@ from mfed.spec import Regularizer
 
 MIX_GRID = (0.0, 0.5, 1.0)
 PROBE_STEPS = 5
+# A site validating on fewer examples than this never chooses the shared encoder (it keeps its
+# task-level one): on 4 images a choice is a coin flip, and one such flip cost a 20-image site
+# 23 test points against Local (docs/results.md, section 4).
+MIN_CHOICE_SAMPLES = 10
 
 
 def mix_encoders(
@@ -46,6 +51,11 @@ def mix_encoders(
 def is_better(task: Task, candidate: float, incumbent: float) -> bool:
     """Strictly better in the task's direction (ties keep the incumbent)."""
     return candidate > incumbent if task.higher_is_better else candidate < incumbent
+
+
+def prefers_shared(task: Task, shared_score: float, task_level_score: float, validation_samples: int) -> bool:
+    """Deploy the shared track: strictly better on validation, on enough validation examples."""
+    return validation_samples >= MIN_CHOICE_SAMPLES and is_better(task, shared_score, task_level_score)
 
 
 @dataclass(frozen=True)
@@ -105,7 +115,10 @@ def choose_mix(
     grid: Sequence[float] = MIX_GRID,
     steps: int = PROBE_STEPS,
 ) -> MixChoice:
-    """The alpha whose probed validation score is best; ties go to the smaller alpha (less sharing)."""
+    """The alpha whose probed validation score is best; ties go to the smaller alpha (less sharing).
+    Too small a validation split (MIN_CHOICE_SAMPLES) decides nothing: the smallest alpha, unprobed."""
+    if len(data.val) < MIN_CHOICE_SAMPLES:
+        return MixChoice(alpha=min(grid), scores={})
     scores: dict[float, float] = {}
     best: float | None = None
     for alpha in sorted(grid):

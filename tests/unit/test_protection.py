@@ -98,6 +98,29 @@ class _Task:
         self.higher_is_better = higher_is_better
 
 
+class _Data:
+    """A site's splits as choose_mix sees them: only the validation split's size matters."""
+
+    def __init__(self, validation_samples: int) -> None:
+        self.val = [None] * validation_samples
+
+
+def _choose_mix(task: _Task, validation_samples: int) -> protection.MixChoice:
+    return choose_mix(
+        None,  # type: ignore[arg-type]
+        task,  # type: ignore[arg-type]
+        _Data(validation_samples),  # type: ignore[arg-type]
+        {"encoder.w": np.ones(1)},
+        {"encoder.w": np.zeros(1)},
+        ["encoder.w"],
+        batch_size=32,
+        learning_rate=1e-3,
+        device=None,  # type: ignore[arg-type]
+        seed=0,
+        eval_seed=0,
+    )
+
+
 @pytest.mark.parametrize(
     ("scores", "higher_is_better", "expected"),
     [
@@ -109,20 +132,21 @@ class _Task:
 def test_mix_choice_takes_the_best_probed_validation_score(monkeypatch, scores, higher_is_better, expected):
     # The fake probe reads alpha back from the mixed encoder: shared = 1, task level = 0.
     monkeypatch.setattr(protection, "probe_score", lambda _m, _t, _d, enc, **_kw: scores[float(enc["encoder.w"][0])])
-    choice = choose_mix(
-        None,  # type: ignore[arg-type]
-        _Task(higher_is_better),  # type: ignore[arg-type]
-        None,  # type: ignore[arg-type]
-        {"encoder.w": np.ones(1)},
-        {"encoder.w": np.zeros(1)},
-        ["encoder.w"],
-        batch_size=32,
-        learning_rate=1e-3,
-        device=None,  # type: ignore[arg-type]
-        seed=0,
-        eval_seed=0,
-    )
+    choice = _choose_mix(_Task(higher_is_better), protection.MIN_CHOICE_SAMPLES)
     assert choice.alpha == expected and choice.scores == scores
+
+
+def test_too_small_a_validation_split_chooses_nothing_and_keeps_the_task_level(monkeypatch):
+    def probe(*_args, **_kw):
+        raise AssertionError("no probe on too few validation examples")
+
+    monkeypatch.setattr(protection, "probe_score", probe)
+    choice = _choose_mix(_Task(True), protection.MIN_CHOICE_SAMPLES - 1)
+    assert (choice.alpha, choice.scores) == (0.0, {})
+    task = _Task(True)
+    assert protection.prefers_shared(task, 75.0, 50.0, validation_samples=10)  # type: ignore[arg-type]
+    assert not protection.prefers_shared(task, 75.0, 50.0, validation_samples=9)  # type: ignore[arg-type]
+    assert not protection.prefers_shared(task, 50.0, 50.0, validation_samples=100)  # type: ignore[arg-type]
 
 
 def test_planned_steps_give_small_sites_more_passes_and_respect_the_cap():
@@ -142,10 +166,16 @@ def _fake_evaluate(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("shared_value", "task_value", "deployed"), [(0.5, 1.0, 0.0), (1.0, 0.5, 1.0), (0.7, 0.7, 0.0)]
+    ("shared_value", "task_value", "val_fraction", "deployed"),
+    [
+        (0.5, 1.0, 0.2, 0.0),
+        (1.0, 0.5, 0.2, 1.0),
+        (0.7, 0.7, 0.2, 0.0),  # ties keep the task level
+        (1.0, 0.5, 0.1, 0.0),  # 6 validation images (under MIN_CHOICE_SAMPLES): no choice
+    ],
 )
 def test_a_two_track_site_deploys_the_track_that_scores_better_on_its_own_validation(
-    tmp_path, monkeypatch, shared_value, task_value, deployed
+    tmp_path, monkeypatch, shared_value, task_value, val_fraction, deployed
 ):
     _init(tmp_path)
 
@@ -159,11 +189,12 @@ def test_a_two_track_site_deploys_the_track_that_scores_better_on_its_own_valida
 
     _rewrite_global(tmp_path, "r5", change)
     _fake_evaluate(monkeypatch)
-    spec = _round(tmp_path, SiteStrategy.FALLBACK, round_number=6)
+    spec = _round(tmp_path, SiteStrategy.FALLBACK, round_number=6, val_fraction=val_fraction)
     data = load_site_splits(spec.data, spec.site, spec.training.val_fraction, Storage())
+    assert (len(data.val) < protection.MIN_CHOICE_SAMPLES) == (val_fraction == 0.1)
     scores = evaluate_start(spec, Storage(), data)
-    assert scores["shared"] == deployed  # ties keep the task level
-    assert scores["val"] == pytest.approx(max(shared_value, task_value))
+    assert scores["shared"] == deployed
+    assert scores["val"] == pytest.approx(shared_value if deployed else task_value)
     assert (scores["val_task_track"], scores["val_shared_track"]) == pytest.approx((task_value, shared_value))
     # Both tracks are scored on the test split too; "test" is the deployed track's.
     assert (scores["test_task_track"], scores["test_shared_track"]) == pytest.approx((task_value, shared_value))

@@ -38,7 +38,7 @@ from mfed.learning.data import DataError, SiteData, load_site_data
 from mfed.learning.decoders import build_decoder
 from mfed.learning.encoders import ArchError, build_encoder
 from mfed.learning.model import SiteModel, build_site_model, load_part, part_state, signature
-from mfed.learning.protection import is_better
+from mfed.learning.protection import prefers_shared
 from mfed.learning.tasks import TaskError, build_task
 from mfed.learning.train import (
     Objective,
@@ -239,7 +239,7 @@ def evaluate_start(
         shared_val = evaluate(state.shared.model, state.task, data.val, device=device, seed=eval_seed)
         scores["val_task_track"], scores["val_shared_track"] = val, shared_val
         scores["shared"] = 0.0
-        if is_better(state.task, shared_val, val):
+        if prefers_shared(state.task, shared_val, val, len(data.val)):
             model, scores["val"], scores["shared"] = state.shared.model, shared_val, 1.0
     if data.test is not None and want_test(scores["val"]):
         test_seed = derive_seed("test", spec.task.name)
@@ -377,7 +377,9 @@ def _train_shared_track(
     metrics["val_after_shared"] = score(track.model)
     metrics["steps"] += float(stats.steps)
     metrics["train_seconds"] += stats.seconds
-    metrics["deploy_shared"] = float(is_better(state.task, metrics["val_after_shared"], metrics["val_after"]))
+    metrics["deploy_shared"] = float(
+        prefers_shared(state.task, metrics["val_after_shared"], metrics["val_after"], int(metrics["val_samples"]))
+    )
     end = part_state(track.model, "encoder")
     delta = {SHARED_TRACK + k: end[k] - track.start_encoder[k] for k in state.dual}
     decoder = {SHARED_TRACK + k: v for k, v in part_state(track.model, "decoder").items()}

@@ -108,6 +108,12 @@ def _pilot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="for two-track methods (auto, fallback), match Local's steps to all the steps the site trains "
         "(site, default: the core fairness rule, steps per site) or only to the deployed model's (model)",
     )
+    p.add_argument(
+        "--select-ties",
+        choices=["latest", "earliest"],
+        help="of the rounds tied for a site's best validation score, report the latest (default: the most "
+        "trained) or the earliest (the rule of the results measured before 2026-11-26)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/pilot"), help="output directory (default runs/pilot)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -130,6 +136,7 @@ def config_from_args(args: argparse.Namespace) -> PilotConfig:
         ("test_samples", args.test_samples),
         ("local_min_steps", args.local_min_steps),
         ("local_budget", args.local_budget),
+        ("select_ties", args.select_ties),
     ):
         if value is not None:
             overrides[field_name] = value

@@ -58,6 +58,11 @@ class PilotConfig:
     # fairness rule counts steps per site, so Local may spend the whole compute on one model),
     # "model" = only the steps of the model it deploys (half as many; the lenient reading).
     local_budget: str = "site"
+    # Which of the rounds tied for the best validation score a site reports: "latest" (default),
+    # the most trained one, or "earliest" (the rule of the tables measured before 2026-11-26). On
+    # 10 validation images accuracy moves in steps of 10 points and ties are the rule: "earliest"
+    # then reports round 1 or 2 whenever it already scores 10 of 10 (docs/results.md, section 2).
+    select_ties: str = "latest"
     device: str = "auto"
     delta_dtype: str = "float32"  # what sites upload: float32, float16 or bfloat16 deltas
     encoder: ArchSpec = ArchSpec(name="small_cnn")
@@ -81,6 +86,8 @@ class PilotConfig:
             raise PilotConfigError("--local-min-steps must be 0 or more")
         if self.local_budget not in ("model", "site"):
             raise PilotConfigError(f"--local-budget is {self.local_budget!r}: use model or site")
+        if self.select_ties not in ("latest", "earliest"):
+            raise PilotConfigError(f"--select-ties is {self.select_ties!r}: use latest or earliest")
         if self.min_steps is not None and self.min_steps < 0:
             raise PilotConfigError("--min-steps must be 0 or more")
         if self.shared_steps is not None and self.shared_steps < 1:
@@ -118,6 +125,7 @@ class PilotConfig:
             "test_samples": self.test_samples,
             "local_min_steps": self.local_min_steps,
             "local_budget": self.local_budget,
+            "select_ties": self.select_ties,
             "device": self.device,
             "delta_dtype": self.delta_dtype,
             "encoder": {"name": self.encoder.name, "params": dict(self.encoder.params)},

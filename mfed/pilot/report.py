@@ -210,7 +210,8 @@ def format_table(results: Mapping[str, Any]) -> str:
         rows.append(cells)
     lines = _render(rows)
     seeds = ", ".join(next(iter(results["methods"].values()))["metrics_per_seed"])
-    lines.append(f"mean over seeds {seeds}; each site's model chosen on its own validation split")
+    ties = results["config"].get("select_ties", "latest")
+    lines.append(f"mean over seeds {seeds}; each site's model chosen on its own validation split (ties: {ties} round)")
     for method in results["methods"].values():
         protection = method.get("protection") or {}
         if any("shared" in v for v in protection.values()):

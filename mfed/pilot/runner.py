@@ -310,9 +310,11 @@ class Federation:
         return evaluate_start(spec, self.storage, self.data[site.name])
 
 
-def _improves(current: SiteSelection | None, val: float, higher_is_better: bool) -> bool:
+def _improves(current: SiteSelection | None, val: float, higher_is_better: bool, ties: str) -> bool:
     if current is None or current.val is None:
         return True
+    if val == current.val:
+        return ties == "latest"
     return val > current.val if higher_is_better else val < current.val
 
 
@@ -321,12 +323,19 @@ def _constantly(answer: bool) -> Callable[[float], bool]:
 
 
 def _select(
-    run: MethodRun, site: str, round_number: int, steps: int, scores: dict[str, float], higher_is_better: bool
+    run: MethodRun,
+    site: str,
+    round_number: int,
+    steps: int,
+    scores: dict[str, float],
+    higher_is_better: bool,
+    ties: str = "latest",
 ) -> bool:
-    """Keep the round with the best validation score; its test score is what gets reported.
+    """Keep the round with the best validation score (of tied rounds the latest, or with `ties`
+    "earliest" the first); its test score is what gets reported.
 
     The test score may be filled in later (nan until then): selection never looks at it."""
-    if not _improves(run.sites.get(site), scores["val"], higher_is_better):
+    if not _improves(run.sites.get(site), scores["val"], higher_is_better, ties):
         return False
     evidence = {k: v for k, v in sorted(scores.items()) if k != "val" and not k.startswith("test")}
     run.sites[site] = SiteSelection(
@@ -367,7 +376,9 @@ def run_method(
                 for site in group:
                     scores = federation.score(site, r, want_test=_constantly(index is not None))
                     if (
-                        _select(run, site.name, r, total_steps, scores, higher_is_better[site.task.name])
+                        _select(
+                            run, site.name, r, total_steps, scores, higher_is_better[site.task.name], config.select_ties
+                        )
                         and index is None
                     ):
                         federation.keep_best(site, r)

@@ -70,6 +70,19 @@ def test_each_site_reports_the_round_with_the_best_validation_score_not_the_best
     assert run.sites["mae-0"].round == 2
 
 
+@pytest.mark.parametrize(("ties", "expected_round"), [("latest", 3), ("earliest", 1)])
+def test_of_rounds_tied_for_the_best_validation_score_the_latest_is_reported_unless_asked_otherwise(
+    ties, expected_round
+):
+    run = MethodRun(method=Method.LOCAL, seed=0)
+    for round_number, val in enumerate([100.0, 90.0, 100.0], start=1):  # 10 of 10 images, twice
+        _select(run, "coarse4-0", round_number, 8 * round_number, {"val": val}, True, ties)
+    assert run.sites["coarse4-0"].round == expected_round
+    assert PilotConfig().select_ties == "latest"
+    with pytest.raises(PilotConfigError, match="--select-ties"):
+        PilotConfig(select_ties="best")
+
+
 def test_after_the_last_round_each_view_is_averaged_per_task_and_compared_with_locals_last_round():
     def run(method, test, tracks=None):
         point = CurvePoint(index=30, steps=dict.fromkeys(test, 240), test=test, tracks=tracks or {})

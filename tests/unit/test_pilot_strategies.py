@@ -99,6 +99,7 @@ def test_pilot_flags_reach_the_configuration():
         "--shared-layers=1+task",
         "--local-budget=model",
         "--shared-steps=4",
+        "--select-ties=earliest",
     )
     assert (config.level2_rule, config.site_strategy, config.min_steps, config.cagrad_c) == (
         Level2Rule.GATED,
@@ -107,7 +108,7 @@ def test_pilot_flags_reach_the_configuration():
         0.2,
     )
     assert config.sharing == SharingPolicy(mode=SharingMode.DEPTH, depth=1, task_level=True)
-    assert config.local_budget == "model" and config.shared_steps == 4
+    assert config.local_budget == "model" and config.shared_steps == 4 and config.select_ties == "earliest"
     assert _config().level2_rule is None and _config().local_budget == "site"  # presets decide by default
 
 

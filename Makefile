@@ -16,7 +16,7 @@ bootstrap:
 pilot: bootstrap
 	$(BIN)/mfed pilot $(PILOT_ARGS)
 
-# Where cross-task sharing pays: label-scarce sites beside data-rich ones (docs/strategies.md)
+# Where cross-task sharing should pay: label-scarce sites beside data-rich ones (docs/strategies.md)
 pilot-scarce: bootstrap
 	$(BIN)/mfed pilot --scenario scarce --methods local,auto --out runs/pilot-scarce $(PILOT_ARGS)
 

@@ -51,10 +51,14 @@ def final_metrics(run: MethodRun, view: str) -> dict[str, float] | None:
     "shared" is one track of a two-track method (None when not every site has tracks)."""
     last = run.curve[-1]
     if view == "deployed":
-        return _mean_by_task(last.test)
+        return _deployed_after_last_round(run)
     if set(last.tracks) != set(last.test):
         return None
     return _mean_by_task({site: tracks[view] for site, tracks in last.tracks.items()})
+
+
+def _deployed_after_last_round(run: MethodRun) -> dict[str, float]:
+    return _mean_by_task(run.curve[-1].test)
 
 
 def delta_m(metrics: Mapping[str, float], local: Mapping[str, float], higher_is_better: Mapping[str, bool]) -> float:
@@ -159,15 +163,14 @@ def _final_round(
     out: dict[str, Any] = {}
     for view in FINAL_VIEWS:
         per_seed = {seed: final_metrics(run, view) for seed, run in sorted(seeds.items())}
-        if any(m is None for m in per_seed.values()):
-            continue
         complete = {seed: m for seed, m in per_seed.items() if m is not None}
-        baseline = {seed: final_metrics(local[seed], "deployed") for seed in complete}
+        if len(complete) < len(per_seed):
+            continue
         tasks = sorted(next(iter(complete.values())))
         out[view] = {
             "metrics": {t: statistics.fmean(m[t] for m in complete.values()) for t in tasks},
             "delta_m": statistics.fmean(
-                delta_m(m, baseline[seed] or {}, higher_is_better) for seed, m in complete.items()
+                delta_m(m, _deployed_after_last_round(local[seed]), higher_is_better) for seed, m in complete.items()
             ),
         }
     return out

@@ -243,13 +243,12 @@ def evaluate_start(
             model, scores["val"], scores["shared"] = state.shared.model, shared_val, 1.0
     if data.test is not None and want_test(scores["val"]):
         test_seed = derive_seed("test", spec.task.name)
-        scores["test"] = evaluate(model, state.task, data.test, device=device, seed=test_seed)
-        if state.shared is not None:
-            other = state.model if model is state.shared.model else state.shared.model
-            other_test = evaluate(other, state.task, data.test, device=device, seed=test_seed)
-            deployed_shared = model is state.shared.model
-            scores["test_shared_track"] = scores["test"] if deployed_shared else other_test
-            scores["test_task_track"] = other_test if deployed_shared else scores["test"]
+        if state.shared is None:
+            scores["test"] = evaluate(model, state.task, data.test, device=device, seed=test_seed)
+        else:
+            for name, track in (("task", state.model), ("shared", state.shared.model)):
+                scores[f"test_{name}_track"] = evaluate(track, state.task, data.test, device=device, seed=test_seed)
+            scores["test"] = scores["test_shared_track" if scores["shared"] else "test_task_track"]
     return scores
 
 
@@ -323,6 +322,7 @@ def _run(
             state,
             lambda m, s, o: train(m, s, o, shared_track_steps(steps, spec.training.shared_steps)),
             lambda m: evaluate(m, task, data.val, device=device, seed=eval_seed),
+            len(data.val),
             seed,
             metrics,
         )
@@ -362,6 +362,7 @@ def _train_shared_track(
     state: StartState,
     train: Callable[[SiteModel, int, Objective], TrainStats],
     score: Callable[[SiteModel], float],
+    validation_samples: int,
     seed: int,
     metrics: dict[str, float],
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -378,7 +379,7 @@ def _train_shared_track(
     metrics["steps"] += float(stats.steps)
     metrics["train_seconds"] += stats.seconds
     metrics["deploy_shared"] = float(
-        prefers_shared(state.task, metrics["val_after_shared"], metrics["val_after"], int(metrics["val_samples"]))
+        prefers_shared(state.task, metrics["val_after_shared"], metrics["val_after"], validation_samples)
     )
     end = part_state(track.model, "encoder")
     delta = {SHARED_TRACK + k: end[k] - track.start_encoder[k] for k in state.dual}

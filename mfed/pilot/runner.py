@@ -18,15 +18,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from mfed_trainer.site_round import (
-    evaluate_start,
-    init_global_model,
-    load_site_splits,
-    read_global_model,
-    run_site_round,
-    write_global_model,
-)
-
 from mfed.aggregation.fedavg import ContributionSource, aggregate
 from mfed.artifacts.layout import DECODER_FILE, MANIFEST_FILE, global_prefix, join, round_prefix, site_prefix
 from mfed.artifacts.manifest import ContributionManifest
@@ -35,7 +26,10 @@ from mfed.learning.encoders import build_encoder
 from mfed.learning.tasks import build_task
 from mfed.learning.train import planned_steps, shared_track_steps
 from mfed.methods import Method, MethodPlan, plan_method
+from mfed.model_store import read_global_model, write_global_model
 from mfed.pilot.config import PILOT_TASKS, PilotConfig
+from mfed.rounds.initial import init_global_model
+from mfed.rounds.site_round import evaluate_start, load_site_splits, run_site_round
 from mfed.seeding import derive_seed
 from mfed.spec import ArchSpec, DataSpec, InitSpec, RoundSpec, TaskGroupSpec, TaskSpec, TrainingSpec
 from mfed.storage import Storage
@@ -74,7 +68,7 @@ class SiteSelection:
     val: float | None = None
     test: float = math.nan
     # The site's protection choice for the selected model, e.g. {"shared": 1.0} when a two-track
-    # site deployed its shared track, {"start_alpha": 0.5} for a mixed start (mfed_trainer).
+    # site deployed its shared track, {"start_alpha": 0.5} for a mixed start (mfed.rounds.start).
     evidence: dict[str, float] = field(default_factory=dict)
 
 
@@ -269,10 +263,10 @@ class Federation:
             result = run_site_round(self.spec(site, round_number), self.storage, data=data)
             steps = max(steps, int(result.manifest.metrics["steps"]))
             on_site_round()
-        base, tensors = read_global_model(self.storage, self.spec(self.sites[0], round_number).global_model)
+        base = read_global_model(self.storage, self.spec(self.sites[0], round_number).global_model)
         aggregated = aggregate(
-            base,
-            tensors,
+            base.manifest,
+            base.tensors,
             round_number,
             [self._source(s, round_number) for s in self.sites],
             self.plan.aggregation,

@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from mfed.model_store import GlobalModelError
 from mfed.storage import S3Settings, Storage, StorageError
 from mfed_operator.adapters.dataplane import (
     BaseModelCache,
-    BaseModelError,
     CountingStorage,
     aggregate_round,
     inspect_base,
@@ -242,6 +242,6 @@ class Executor:
                 return aggregated
         except StorageError as exc:
             return StorageFailed(operation=type(action).__name__, message=str(exc))
-        except BaseModelError as exc:
+        except GlobalModelError as exc:
             return BaseUnusable(uri=status.base_uri or "", message=str(exc))
         raise TypeError(f"not a storage action: {action!r}")

@@ -6,17 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mfed_trainer import site_round
-from mfed_trainer.site_round import (
-    BadInput,
-    evaluate_start,
-    init_global_model,
-    load_site_splits,
-    prepare_start,
-    read_global_model,
-    run_site_round,
-    write_global_model,
-)
 
 from mfed.aggregation.crosstask import Level2Rule
 from mfed.aggregation.fedavg import AggregationSettings, ContributionSource, aggregate
@@ -26,6 +15,10 @@ from mfed.artifacts.tensorfile import decode_tensors, encode_tensors, sha256_hex
 from mfed.learning import protection
 from mfed.learning.protection import choose_mix, mix_encoders
 from mfed.learning.train import planned_steps, shared_track_steps
+from mfed.model_store import read_global_model, write_global_model
+from mfed.rounds import site_round
+from mfed.rounds.initial import init_global_model
+from mfed.rounds.site_round import BadInput, evaluate_start, load_site_splits, prepare_start, run_site_round
 from mfed.spec import (
     ArchSpec,
     DataSpec,
@@ -77,7 +70,8 @@ def _source(storage: Storage, prefix: str, site: str) -> ContributionSource:
 def _rewrite_global(root: Path, round_dir: str, change) -> None:
     """Write a copy of round 0's global model under `round_dir`, its tensors and manifest changed."""
     storage = Storage()
-    manifest, tensors = read_global_model(storage, str(root / "r0" / "global"))
+    stored = read_global_model(storage, str(root / "r0" / "global"))
+    manifest, tensors = stored.manifest, stored.tensors
     tensors, aggregation = change(dict(tensors), dict(manifest.aggregation))
     data = encode_tensors(tensors)
     model = type(manifest.model)(name=manifest.model.name, sha256=sha256_hex(data), size=len(data))
@@ -212,7 +206,8 @@ def test_a_two_track_round_uploads_both_tracks_and_its_evidence_and_the_aggregat
         assert manifest.metrics["steps"] == 4  # two tracks of 2 steps (51 images, batch 32)
         delta = decode_tensors(storage.read(join(spec.output, "delta.safetensors"))).tensors
         assert any(k.startswith("shared.encoder.") for k in delta) and any(k.startswith("encoder.") for k in delta)
-    base, tensors = read_global_model(storage, specs[0].global_model)
+    stored = read_global_model(storage, specs[0].global_model)
+    base, tensors = stored.manifest, stored.tensors
     result = aggregate(base, tensors, 1, [_source(storage, s.output, s.site) for s in specs])
     assert not result.manifest.rejected
     # One site per task: the task-level copy is exactly the site's task-level track.
@@ -244,7 +239,7 @@ def test_with_the_global_decoder_source_only_the_task_track_starts_from_the_task
     run_site_round(_round(tmp_path, SiteStrategy.FALLBACK, decoder_source=DecoderSource.GLOBAL), storage)
     _rewrite_global(tmp_path, "r1", lambda t, a: (t, a))
     uploaded = decode_tensors(storage.read(str(tmp_path / "r1" / "sites" / "cls-a" / "decoder.safetensors"))).tensors
-    _, global_tensors = read_global_model(storage, str(tmp_path / "r1" / "global"))
+    global_tensors = read_global_model(storage, str(tmp_path / "r1" / "global")).tensors
     spec = _round(tmp_path, SiteStrategy.FALLBACK, round_number=2, decoder_source=DecoderSource.GLOBAL)
     state = prepare_start(spec, storage)
     assert state.shared is not None and state.decoder_origin == "global"

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mfed_trainer import main as trainer_main
-from mfed_trainer.site_round import BadInput, read_global_model, run_site_round
 
 from mfed.artifacts.layout import MANIFEST_FILE
 from mfed.artifacts.manifest import ContributionManifest
 from mfed.artifacts.tensorfile import decode_tensors
+from mfed.model_store import read_global_model
+from mfed.rounds.site_round import BadInput, run_site_round
 from mfed.spec import (
     ArchSpec,
     DataSpec,
@@ -66,7 +67,8 @@ def test_init_then_a_round_uploads_a_delta_a_decoder_and_a_manifest(tmp_path, mo
     assert code == 0 and events[-1]["event"] == "uploaded"
     out = tmp_path / "r1" / "sites" / "site-a"
     manifest = ContributionManifest.from_json((out / MANIFEST_FILE).read_bytes())
-    base, tensors = read_global_model(Storage(), str(tmp_path / "r0" / "global"))
+    stored = read_global_model(Storage(), str(tmp_path / "r0" / "global"))
+    base, tensors = stored.manifest, stored.tensors
     assert manifest.base_digest == base.digest and manifest.samples == 51  # 64 minus 13 validation
     delta = decode_tensors((out / "delta.safetensors").read_bytes()).tensors
     assert set(delta) == {k for k in tensors if k.startswith("encoder.")}

@@ -1,5 +1,8 @@
 """`mfed-trainer`: the command a site's Kubernetes Job runs.
 
+A thin entrypoint: it reads the spec, calls the `mfed` library (`mfed.rounds`, the same code the
+local pilot runs) and turns the outcome into an exit code and JSON lines on stdout.
+
 The spec (a RoundSpec or InitSpec as JSON) comes from `--spec FILE`, `--spec -` (stdin) or the
 `MFED_SPEC` environment variable. Exit codes tell the Job controller what to do:
 
@@ -19,9 +22,11 @@ import sys
 import time
 
 from mfed.artifacts.layout import MANIFEST_FILE, join
+from mfed.model_store import write_global_model
+from mfed.rounds.initial import init_global_model
+from mfed.rounds.site_round import BadInput, run_site_round
 from mfed.spec import InitSpec, RoundSpec, SpecError, parse_spec
 from mfed.storage import NotFound, Storage, StorageError
-from mfed_trainer.site_round import BadInput, init_global_model, run_site_round, write_global_model
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -10,16 +10,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass
-
-import numpy as np
 
 from mfed.aggregation.fedavg import ContributionSource, RoundAggregator, aggregate
 from mfed.aggregation.validate import ContributionRejected, RejectReason
 from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, MANIFEST_FILE, MODEL_FILE, join
-from mfed.artifacts.manifest import ContributionManifest, GlobalManifest, ManifestError
-from mfed.artifacts.tensorfile import TensorFileError, decode_tensors, sha256_hex
+from mfed.artifacts.manifest import ContributionManifest, ManifestError
+from mfed.model_store import GlobalModel, GlobalModelError, check_global_model_present, read_global_model
 from mfed.storage import NotFound, Storage
 from mfed_operator.domain.actions import (
     Aggregate,
@@ -29,10 +25,6 @@ from mfed_operator.domain.actions import (
     SiteVerified,
 )
 from mfed_operator.domain.validation import BaseSummary, BaseTask
-
-
-class BaseModelError(Exception):
-    """The base model is missing or corrupt (not a storage outage)."""
 
 
 class CountingStorage:
@@ -59,29 +51,23 @@ class CountingStorage:
         return self._storage.exists(uri)
 
 
-@dataclass(frozen=True)
-class BaseModel:
-    manifest: GlobalManifest
-    tensors: Mapping[str, np.ndarray]
-
-
 class BaseModelCache:
     """Keeps the last few base models (by URI and digest), so verifying N sites reads it once."""
 
     def __init__(self, size: int = 2) -> None:
-        self._items: OrderedDict[tuple[str, str], BaseModel] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], GlobalModel] = OrderedDict()
         self._size = size
         self._lock = threading.Lock()
 
-    def get(self, storage: CountingStorage, uri: str, sha256: str) -> BaseModel:
+    def get(self, storage: CountingStorage, uri: str, sha256: str) -> GlobalModel:
         key = (uri, sha256)
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-        model = read_base_model(storage, uri)
+        model = read_global_model(storage, uri)
         if model.manifest.digest != sha256:
-            raise BaseModelError(
+            raise GlobalModelError(
                 f"the model at {uri} changed: digest {model.manifest.digest[:12]}, expected {sha256[:12]}"
             )
         with self._lock:
@@ -91,35 +77,9 @@ class BaseModelCache:
         return model
 
 
-def read_base_manifest(storage: CountingStorage, uri: str) -> GlobalManifest:
-    try:
-        return GlobalManifest.from_json(storage.read(join(uri, MANIFEST_FILE)))
-    except NotFound:
-        raise BaseModelError(f"no global model manifest at {join(uri, MANIFEST_FILE)}") from None
-    except ManifestError as exc:
-        raise BaseModelError(f"the manifest at {uri} is invalid: {exc}") from None
-
-
-def read_base_model(storage: CountingStorage, uri: str) -> BaseModel:
-    manifest = read_base_manifest(storage, uri)
-    try:
-        data = storage.read(join(uri, manifest.model.name))
-    except NotFound:
-        raise BaseModelError(f"{join(uri, manifest.model.name)} is missing") from None
-    if sha256_hex(data) != manifest.model.sha256:
-        raise BaseModelError(f"{join(uri, manifest.model.name)} does not match its manifest's SHA-256")
-    try:
-        tensors = decode_tensors(data).tensors
-    except TensorFileError as exc:
-        raise BaseModelError(f"{join(uri, manifest.model.name)} is not a valid tensor file: {exc}") from None
-    return BaseModel(manifest=manifest, tensors=dict(tensors))
-
-
 def inspect_base(storage: CountingStorage, uri: str) -> BaseSummary:
     """Read the manifest only (small), and check the model file is there."""
-    manifest = read_base_manifest(storage, uri)
-    if not storage.exists(join(uri, manifest.model.name)):
-        raise BaseModelError(f"{join(uri, manifest.model.name)} is missing")
+    manifest = check_global_model_present(storage, uri)
     tasks = {
         name: BaseTask(type=info.type, params=dict(info.params), decoder=info.decoder)
         for name, info in manifest.tasks.items()
@@ -158,7 +118,7 @@ def _read_files(
 
 
 def verify_site(
-    storage: CountingStorage, base: BaseModel, round_number: int, site: str, prefix: str
+    storage: CountingStorage, base: GlobalModel, round_number: int, site: str, prefix: str
 ) -> SiteVerified | SiteRejected:
     """Every check the aggregation will make, done as soon as the site's Job succeeds."""
     try:
@@ -174,7 +134,9 @@ def verify_site(
     )
 
 
-def aggregate_round(storage: CountingStorage, base: BaseModel, action: Aggregate) -> Aggregated | AggregationImpossible:
+def aggregate_round(
+    storage: CountingStorage, base: GlobalModel, action: Aggregate
+) -> Aggregated | AggregationImpossible:
     """Stream the accepted sites (sorted) through the aggregator and write model, then manifest."""
     started = time.monotonic()
     read_before = storage.read_bytes

@@ -1,6 +1,7 @@
 """One site, one round: read the global model, train locally, write delta + decoder + manifest.
 
-Used unchanged by the Kubernetes Job entrypoint (`mfed-trainer`) and by the local pilot.
+Used unchanged by the Kubernetes Job entrypoint (`mfed-trainer`, a thin wrapper) and by the
+local pilot.
 Writes are ordered delta, decoder, manifest: a manifest exists only for complete uploads, and a
 restarted Job that finds its own complete upload for the same base model returns it instead of
 training again (idempotent re-runs).
@@ -17,12 +18,11 @@ import numpy as np
 import torch
 
 import mfed
-from mfed.aggregation.ownership import SHARED_TRACK, layout_global
-from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, MANIFEST_FILE, MODEL_FILE, join
+from mfed.aggregation.ownership import SHARED_TRACK
+from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, MANIFEST_FILE, join
 from mfed.artifacts.manifest import (
     ContributionManifest,
     FileRef,
-    GlobalManifest,
     ManifestError,
     TaskGroupInfo,
 )
@@ -30,16 +30,14 @@ from mfed.artifacts.signature import SignatureMismatch
 from mfed.artifacts.tensorfile import (
     StoredDtype,
     TensorFileError,
-    decode_tensors,
     encode_tensors,
     sha256_hex,
 )
 from mfed.learning.data import DataError, SiteData, load_site_data
-from mfed.learning.decoders import build_decoder
-from mfed.learning.encoders import ArchError, build_encoder
+from mfed.learning.encoders import ArchError
 from mfed.learning.model import SiteModel, build_site_model, load_part, part_state, signature
 from mfed.learning.protection import prefers_shared
-from mfed.learning.tasks import TaskError, build_task
+from mfed.learning.tasks import TaskError
 from mfed.learning.train import (
     Objective,
     ProgressCallback,
@@ -50,10 +48,11 @@ from mfed.learning.train import (
     shared_track_steps,
     train_local,
 )
+from mfed.model_store import GlobalModelError, read_global_manifest, read_global_model
+from mfed.rounds.start import StartError, StartState, assemble_start
 from mfed.seeding import derive_seed
-from mfed.spec import DataSpec, InitSpec, Regularizer, RoundSpec, SpecError
+from mfed.spec import DataSpec, Regularizer, RoundSpec, SpecError
 from mfed.storage import NotFound, Storage
-from mfed_trainer.start import StartError, StartState, assemble_start
 
 
 class BadInput(Exception):
@@ -70,6 +69,7 @@ INPUT_ERRORS = (
     DataError,
     TensorFileError,
     StartError,
+    GlobalModelError,
 )
 
 
@@ -86,56 +86,6 @@ def _trainer_info(device: torch.device) -> dict[str, str]:
         "device": str(device),
         "python": platform.python_version(),
     }
-
-
-def init_global_model(spec: InitSpec) -> tuple[bytes, GlobalManifest]:
-    """Round-0 global model: one seeded encoder, one seeded decoder per task group."""
-    torch.manual_seed(spec.seed)
-    encoder = build_encoder(spec.encoder)
-    decoders: dict[str, dict[str, np.ndarray]] = {}
-    infos: dict[str, TaskGroupInfo] = {}
-    encoder_state: dict[str, np.ndarray] = {}
-    encoder_signature = None
-    for group in sorted(spec.groups, key=lambda g: g.task.name):
-        torch.manual_seed(derive_seed(spec.seed, "decoder", group.task.name))
-        task = build_task(group.task.type, group.task.params, encoder.input_shape)
-        model = SiteModel(encoder, build_decoder(group.decoder, encoder.feature_dim, task.output))
-        encoder_state = part_state(model, "encoder")
-        encoder_signature = signature(model, "encoder")
-        decoders[group.task.name] = part_state(model, "decoder")
-        infos[group.task.name] = TaskGroupInfo(
-            type=group.task.type,
-            params=dict(group.task.params),
-            decoder=group.decoder,
-            decoder_signature=signature(model, "decoder"),
-        )
-    assert encoder_signature is not None  # InitSpec guarantees at least one group
-    tensors = layout_global(encoder_state, decoders, spec.sharing)
-    model_bytes = encode_tensors(tensors)
-    manifest = GlobalManifest(
-        federation=spec.federation,
-        round=0,
-        model=FileRef(name=MODEL_FILE, sha256=sha256_hex(model_bytes), size=len(model_bytes)),
-        encoder=spec.encoder,
-        encoder_signature=encoder_signature,
-        sharing=spec.sharing,
-        tasks=infos,
-        aggregation={"initSeed": spec.seed},
-    )
-    return model_bytes, manifest
-
-
-def write_global_model(storage: Storage, prefix: str, model_bytes: bytes, manifest: GlobalManifest) -> None:
-    storage.write(join(prefix, manifest.model.name), model_bytes)
-    storage.write(join(prefix, MANIFEST_FILE), manifest.to_json().encode())
-
-
-def read_global_model(storage: Storage, prefix: str) -> tuple[GlobalManifest, dict[str, np.ndarray]]:
-    manifest = GlobalManifest.from_json(storage.read(join(prefix, MANIFEST_FILE)))
-    data = storage.read(join(prefix, manifest.model.name))
-    if sha256_hex(data) != manifest.model.sha256:
-        raise BadInput(f"global model at {prefix} does not match its manifest's SHA-256")
-    return manifest, dict(decode_tensors(data).tensors)
 
 
 def _existing_upload(storage: Storage, spec: RoundSpec, base_digest: str) -> ContributionManifest | None:
@@ -203,7 +153,8 @@ def prepare_start(spec: RoundSpec, storage: Storage, data: SiteData | None = Non
 
 
 def _prepare(spec: RoundSpec, storage: Storage, data: SiteData | None) -> StartState:
-    global_manifest, global_tensors = read_global_model(storage, spec.global_model)
+    global_model = read_global_model(storage, spec.global_model)
+    global_manifest, global_tensors = global_model.manifest, global_model.tensors
     if global_manifest.federation != spec.federation:
         raise BadInput(f"global model belongs to federation {global_manifest.federation!r}, not {spec.federation!r}")
     info = global_manifest.tasks.get(spec.task.name)
@@ -255,7 +206,7 @@ def evaluate_start(
 def _run(
     spec: RoundSpec, storage: Storage, data: SiteData | None, progress: ProgressCallback | None
 ) -> SiteRoundResult:
-    base_manifest = GlobalManifest.from_json(storage.read(join(spec.global_model, MANIFEST_FILE)))
+    base_manifest = read_global_manifest(storage, spec.global_model)
     existing = _existing_upload(storage, spec, base_manifest.model.sha256)
     if existing is not None:
         return SiteRoundResult(manifest=existing, reused=True)

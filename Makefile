@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 PILOT_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap pilot pilot-scarce pilot-quick test lint typecheck bench clean deploy-manifests
+.PHONY: bootstrap pilot pilot-scarce pilot-quick test check lint typecheck bench clean deploy-manifests
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -26,8 +26,12 @@ pilot-quick: bootstrap
 test: bootstrap
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The house rules CI enforces before the tests (fast, first): lint, format, layering, types.
+check: lint typecheck
+
 lint: bootstrap
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
 typecheck: bootstrap

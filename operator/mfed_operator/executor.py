@@ -140,19 +140,19 @@ class Executor:
         if isinstance(action, ReportSiteTasks):
             assert r is not None
             for report in action.reports:
-                body: dict[str, Any] = {
-                    "lastRound": {
-                        "name": action.round_name,
-                        "round": action.round_number,
-                        "result": report.result,
-                        "reason": report.reason,
-                        "completedAt": action.completed_at,
-                    }
+                last_round = {
+                    "name": action.round_name,
+                    "round": action.round_number,
+                    "result": report.result,
+                    "reason": report.reason,
+                    "completedAt": action.completed_at,
                 }
+                # Each field is replaced whole: a round's metrics replace the last ones, never merge.
+                body: dict[str, Any] = {"lastRound": {k: v for k, v in last_round.items() if v is not None}}
                 if report.result == "Accepted":
                     body["lastMetrics"] = bounded_metrics(report.metrics)
                     body["samples"] = report.samples
-                await self._io(kube.patch_sitetask_status, r.namespace, report.sitetask, body)
+                await self._io(kube.replace_sitetask_status_fields, r.namespace, report.sitetask, body)
             return SiteTasksReported(count=len(action.reports))
         raise TypeError(f"not a Kubernetes action: {action!r}")
 

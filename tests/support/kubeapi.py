@@ -1,7 +1,8 @@
 """A Kubernetes API for tests: kmock's emulator, made closer to a real API server, on loopback.
 
 kmock stores and serves objects, but assigns no uid/resourceVersion/generation, has no status
-subresource isolation and turns a failed JSON-patch `test` into a 500. `Emulator` adds those,
+subresource isolation and turns a failed JSON-patch `test` (or any JSON patch that does not
+apply, e.g. `add` under a missing parent) into a 500 where the API server answers 422. `Emulator` adds those,
 because the operator relies on them (kopf's optimistic concurrency, observedGeneration). It
 still does no schema validation, label selection or garbage collection, like INFRA.md says.
 The server runs in its own thread and event loop; tests talk to it over HTTP (`KubeClient`).
@@ -123,7 +124,10 @@ class Emulator(kmock.KubernetesEmulator):
                     if op.get("op") == "test" or (op.get("path", "").startswith("/status") == status_only)
                 ]
                 data[:] = keep
-            after = kmock_dicts.patch_dict(copy.deepcopy(current), [o for o in data if o.get("op") != "test"])
+            try:
+                after = kmock_dicts.patch_dict(copy.deepcopy(current), [o for o in data if o.get("op") != "test"])
+            except Exception as exc:  # kmock answers 500; the API server 422 (handlers/patch.go, jsonPatcher)
+                raise kmock.KubernetesError(status=422, reason="Invalid", message=f"json patch: {exc}") from None
             meta = None
         else:
             return

@@ -143,15 +143,28 @@ class Kube:
             dict(manifest),
         )
 
-    def patch_sitetask_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+    def replace_sitetask_status_fields(self, namespace: str, name: str, fields: Mapping[str, Any]) -> None:
+        """Replace each of `fields` in the SiteTask's status WHOLE, leaving its other fields alone.
+
+        A merge patch would merge maps: `lastMetrics` would keep the keys of earlier rounds whose
+        metrics are gone now. A JSON patch `add` of an object member replaces its value. It needs
+        `/status` to exist; when it does not (nothing has written a status yet), there is nothing
+        old to keep either, and a merge patch creates it."""
+        ops = [{"op": "add", "path": f"/status/{key}", "value": value} for key, value in fields.items()]
         with contextlib.suppress(Gone):  # the SiteTask was deleted: nothing to report to
-            self._call(
-                self._custom.patch_namespaced_custom_object_status,
-                GROUP,
-                VERSION,
-                namespace,
-                SITETASKS,
-                name,
-                {"status": dict(status)},
-                _content_type="application/merge-patch+json",
-            )
+            try:
+                self._patch_sitetask_status(namespace, name, ops, "application/json-patch+json")
+            except Refused:
+                self._patch_sitetask_status(namespace, name, {"status": dict(fields)}, "application/merge-patch+json")
+
+    def _patch_sitetask_status(self, namespace: str, name: str, body: Any, content_type: str) -> None:
+        self._call(
+            self._custom.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            namespace,
+            SITETASKS,
+            name,
+            body,
+            _content_type=content_type,
+        )

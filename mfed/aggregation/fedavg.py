@@ -72,9 +72,16 @@ class AggregationSettings:
             raise ValueError(f"gate_momentum must be in [0, 1), got {self.gate_momentum}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as the model's provenance (its manifest) records them: every value that
+        shaped the result, the rule's own parameters included. The mean rule has none, and its
+        record stays as it always was, so existing models keep their digests."""
         out: dict[str, Any] = {"level2Weighting": self.level2_weighting.value}
-        if self.level2_rule is not Level2Rule.MEAN:
-            out["level2Rule"] = self.level2_rule.value
+        if self.level2_rule is Level2Rule.CAGRAD:
+            out.update(level2Rule=self.level2_rule.value, cagradC=self.cagrad_c)
+        elif self.level2_rule is Level2Rule.GATED:
+            out.update(
+                level2Rule=self.level2_rule.value, gateThreshold=self.gate_threshold, gateMomentum=self.gate_momentum
+            )
         return out
 
 

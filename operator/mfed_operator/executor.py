@@ -51,6 +51,7 @@ from mfed_operator.domain.actions import (
     VerifySite,
 )
 from mfed_operator.domain.names import LABEL_ROUND, LABEL_SITE, label_value
+from mfed_operator.domain.observations import SecretCheck
 from mfed_operator.domain.status import RoundStatus, bounded_metrics
 from mfed_operator.domain.views import RoundView
 from mfed_operator.metrics import Metrics
@@ -78,6 +79,20 @@ class Executor:
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def check_secret(self, r: RoundView) -> SecretCheck | None:
+        """Whether the round's S3 credentials Secret exists with the keys it names (values unread).
+        None when the round names no Secret and the operator has no default one."""
+        name = r.storage.secret_name or self._config.default_s3_secret
+        if not name:
+            return None
+        keys = await self._io(self._kube().secret_keys, r.namespace, name)
+        wanted = (r.storage.access_key_key, r.storage.secret_key_key)
+        return SecretCheck(
+            name=name,
+            exists=keys is not None,
+            missing_keys=tuple(k for k in wanted if keys is not None and k not in keys),
+        )
 
     async def run(self, r: RoundView | None, status: RoundStatus, actions: Sequence[Action]) -> RunResult:
         result = RunResult()

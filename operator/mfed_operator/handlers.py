@@ -112,7 +112,6 @@ def selected_sites(
 
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     """Attach all handlers to `registry`, configured by `config`."""
-    dict(group=GROUP, version=VERSION)
 
     @kopf.on.startup(registry=registry, id="startup")
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -254,7 +253,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         rounds_by_name: kopf.Index[Any, Any] = indexes["rounds_by_name"]
         runtime: Runtime = memo.runtime
         assert runtime.executor is not None
-        kube = runtime.require_kube()
+        runtime.require_kube()  # not logged in yet: a TemporaryError, kopf retries soon
         with runtime.metrics.reconcile_seconds.time():
             now = _now()
             generation = int(meta.get("generation") or 0)
@@ -265,7 +264,6 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
                 before,
                 now,
                 generation,
-                kube,
                 runtime,
                 jobs_by_round.get((namespace or "", name), []),
                 rounds_by_name,
@@ -281,8 +279,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
                 after = apply_outcome(after, outcome, desired, _now())
             patch.status.update(after.render(generation, _now()))
             if after.phase is not before.phase:
-                reason = after.outcome.reason if after.outcome else after.phase.value
-                message = after.outcome.message if after.outcome else ""
+                reason = after.headline.reason if after.headline else after.phase.value
+                message = after.headline.message if after.headline else ""
                 kind = "Warning" if after.phase is Phase.FAILED else "Normal"
                 kopf.event(body, type=kind, reason=after.phase.value, message=f"{reason}: {message}")
                 runtime.metrics.transitions.labels(after.phase.value, reason).inc()
@@ -312,7 +310,6 @@ async def _observed(
     status: RoundStatus,
     now: datetime,
     generation: int,
-    kube: Kube,
     runtime: Runtime,
     jobs: Any,
     rounds: kopf.Index[Any, Any],
@@ -322,16 +319,8 @@ async def _observed(
     secret: SecretCheck | None = None
     previous = None
     if r is not None and status.phase is Phase.PENDING:
-        name = r.storage.secret_name or runtime.config.default_s3_secret
-        if name:
-            assert runtime.executor is not None
-            keys = await runtime.executor._io(kube.secret_keys, r.namespace, name)
-            wanted = (r.storage.access_key_key, r.storage.secret_key_key)
-            secret = SecretCheck(
-                name=name,
-                exists=keys is not None,
-                missing_keys=tuple(k for k in wanted if keys is not None and k not in keys),
-            )
+        assert runtime.executor is not None
+        secret = await runtime.executor.check_secret(r)
     if r is not None and r.initial.kind is InitialKind.FROM_ROUND and r.initial.from_round:
         found = list(rounds.get((r.namespace, r.initial.from_round), []))
         if found:

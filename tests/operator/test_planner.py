@@ -332,8 +332,8 @@ def test_planner_decides_the_next_status_and_actions(case: Case) -> None:
     decision = decide(case)
     assert decision.status.phase is case.phase
     if case.reason is not None:
-        assert decision.status.outcome is not None
-        assert decision.status.outcome.reason == case.reason, decision.status.outcome
+        assert decision.status.headline is not None
+        assert decision.status.headline.reason == case.reason, decision.status.headline
     assert tuple(type(a).__name__ for a in decision.actions) == case.actions
     for name, phase in case.sites_after.items():
         record = decision.status.site(name)
@@ -344,9 +344,9 @@ def test_planner_fails_an_invalid_spec_with_the_parsers_message() -> None:
     desired = Desired(round=None, spec_error="spec.storage.bucket: is required", config=CONFIG)
     decision = plan(desired, Observed(now=NOW, generation=1, status=RoundStatus()))
     assert decision.status.phase is Phase.FAILED
-    assert decision.status.outcome is not None
-    assert decision.status.outcome.reason == "InvalidSpec"
-    assert "spec.storage.bucket: is required" in decision.status.outcome.message
+    assert decision.status.headline is not None
+    assert decision.status.headline.reason == "InvalidSpec"
+    assert "spec.storage.bucket: is required" in decision.status.headline.message
 
 
 def test_every_site_job_carries_the_site_round_spec_and_the_previous_decoder() -> None:
@@ -413,10 +413,10 @@ def test_storage_failures_back_off_exponentially_then_fail_the_round_at_the_limi
         assert status.retry is not None
         delays.append((datetime.fromisoformat(status.retry.next_attempt_at) - later(attempt)).total_seconds())
     assert delays == [5, 10, 15]
-    assert status.outcome is not None and status.outcome.reason == "StorageUnavailable"
+    assert status.headline is not None and status.headline.reason == "StorageUnavailable"
     failed = apply_outcome(status, StorageFailed(operation="Aggregate", message="refused"), desired, later(101))
     assert failed.phase is Phase.FAILED
-    assert failed.outcome is not None and failed.outcome.reason == "StorageUnavailable"
+    assert failed.headline is not None and failed.headline.reason == "StorageUnavailable"
 
 
 def test_aggregation_success_records_the_model_and_who_was_left_out() -> None:
@@ -435,7 +435,7 @@ def test_aggregation_success_records_the_model_and_who_was_left_out() -> None:
     assert after.phase is Phase.SUCCEEDED
     assert after.global_sha256 == "12" * 32
     assert after.site("b") is not None and after.site("b").phase is SitePhase.REJECTED  # type: ignore[union-attr]
-    assert after.outcome is not None and after.outcome.degraded
+    assert after.headline is not None and after.headline.degraded
     rendered = after.render(1, NOW)
     assert rendered["summary"] == {"selected": 2, "accepted": 1, "sites": "1/2", "metrics": "cls10=0.7"}
     assert {c["type"]: c["status"] for c in rendered["conditions"]} == {
@@ -474,8 +474,8 @@ def test_a_base_model_that_does_not_fit_the_round_fails_it_with_what_to_fix() ->
         NOW,
     )
     assert after.phase is Phase.FAILED
-    assert after.outcome is not None and after.outcome.reason == "EncoderMismatch"
-    assert "spec.encoder" in after.outcome.message
+    assert after.headline is not None and after.headline.reason == "EncoderMismatch"
+    assert "spec.encoder" in after.headline.message
 
 
 def test_the_transition_table_allows_only_forward_moves() -> None:

@@ -8,7 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from mfed.aggregation.crosstask import Level2Weighting
+from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
 from mfed.aggregation.fedavg import AggregationSettings, ContributionSource, RoundAggregator, aggregate
 from mfed.aggregation.validate import RejectReason
 from mfed.artifacts.manifest import ContributionManifest
@@ -63,6 +63,29 @@ def test_sample_weighted_level2_equals_fedavg_over_all_sites():
         deltas = np.stack([c[3][key] for c in contribs]).astype(np.float64)
         expected = tensors[key] + np.average(deltas, axis=0, weights=[10, 30, 20])
         np.testing.assert_allclose(result.tensors[key], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("settings", "recorded"),
+    [
+        (AggregationSettings(), {"level2Weighting": "uniform"}),
+        (
+            AggregationSettings(level2_rule=Level2Rule.CAGRAD, cagrad_c=0.7),
+            {"level2Weighting": "uniform", "level2Rule": "cagrad", "cagradC": 0.7},
+        ),
+        (
+            AggregationSettings(level2_rule=Level2Rule.GATED, gate_threshold=0.25, gate_momentum=0.8),
+            {"level2Weighting": "uniform", "level2Rule": "gated", "gateThreshold": 0.25, "gateMomentum": 0.8},
+        ),
+    ],
+)
+def test_the_models_provenance_records_every_setting_of_its_level2_rule(settings, recorded):
+    base, tensors, _ = make_base()
+    contribs = _three_sites(base, np.random.default_rng(4))
+    result = aggregate(base, tensors, 1, [_source(m, d, c) for m, d, c, _, _ in contribs], settings)
+    assert {k: result.manifest.aggregation.get(k) for k in recorded} == recorded
+    other = {"level2Rule", "cagradC", "gateThreshold", "gateMomentum"} - set(recorded)
+    assert not other & set(result.manifest.aggregation)
 
 
 def test_unshared_encoder_parameters_stay_within_their_task_group():

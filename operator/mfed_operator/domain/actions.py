@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mfed.aggregation.fedavg import AggregationSettings
@@ -181,8 +181,3 @@ Outcome = (
     | RoundCreated
     | SiteTasksReported
 )
-
-
-@dataclass(frozen=True, kw_only=True)
-class Plan:
-    actions: tuple[Action, ...] = field(default_factory=tuple)

@@ -51,8 +51,7 @@ from mfed_operator.domain.method_settings import (
 from mfed_operator.domain.names import init_job_name, site_job_name
 from mfed_operator.domain.observations import JobObservation, JobState, PreviousRound, SecretCheck
 from mfed_operator.domain.phases import Phase, SitePhase, check_transition
-from mfed_operator.domain.status import Outcome as Headline
-from mfed_operator.domain.status import Retry, RoundStatus, SiteRecord, bounded_metrics, clip, iso, parse_time
+from mfed_operator.domain.status import Headline, Retry, RoundStatus, SiteRecord, bounded_metrics, clip, iso, parse_time
 from mfed_operator.domain.validation import Severity, check_base, validate_selection
 from mfed_operator.domain.views import InitialKind, RoundView, SiteTaskView
 
@@ -125,7 +124,7 @@ def transition(
     return replace(
         status,
         phase=phase,
-        outcome=Headline(reason=reason, message=clip(message), degraded=degraded),
+        headline=Headline(reason=reason, message=clip(message), degraded=degraded),
         retry=None if phase.terminal else status.retry,
         completed_at=completed_at,
         aggregation_started_at=aggregation_started_at,
@@ -133,7 +132,7 @@ def transition(
 
 
 def headline(status: RoundStatus, reason: str, message: str, *, degraded: bool = False) -> RoundStatus:
-    return replace(status, outcome=Headline(reason=reason, message=clip(message), degraded=degraded))
+    return replace(status, headline=Headline(reason=reason, message=clip(message), degraded=degraded))
 
 
 def fail(status: RoundStatus, reason: str, message: str, now: datetime) -> RoundStatus:
@@ -422,7 +421,7 @@ def apply_outcome(status: RoundStatus, outcome: Outcome, desired: Desired, now: 
         return _storage_failed(status, outcome, config, now)
     if isinstance(outcome, (BaseInspected, SiteVerified, SiteRejected, Aggregated)):
         status = replace(status, retry=None)
-        if status.outcome and status.outcome.reason == "StorageUnavailable":
+        if status.headline and status.headline.reason == "StorageUnavailable":
             status = headline(status, status.phase.value, "storage is reachable again")
     if isinstance(outcome, JobCreated | JobDeleted | RoundCreated | SiteTasksReported):
         if isinstance(outcome, RoundCreated):

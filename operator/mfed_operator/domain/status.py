@@ -129,7 +129,7 @@ class Condition:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Outcome:
+class Headline:
     """The headline of the current state: what Ready/Progressing/Degraded say and why."""
 
     reason: str
@@ -142,7 +142,7 @@ class RoundStatus:
     phase: Phase = Phase.PENDING
     observed_generation: int | None = None
     round: int | None = None
-    outcome: Outcome | None = None
+    headline: Headline | None = None
     conditions: tuple[Condition, ...] = ()
     spec_digest: str | None = None
     pending_since: str | None = None
@@ -198,8 +198,8 @@ class RoundStatus:
         )
         ready = next((c for c in conditions if c.type == "Ready"), None)
         degraded = next((c for c in conditions if c.type == "Degraded"), None)
-        outcome = (
-            Outcome(reason=ready.reason, message=ready.message, degraded=bool(degraded and degraded.status == "True"))
+        headline = (
+            Headline(reason=ready.reason, message=ready.message, degraded=bool(degraded and degraded.status == "True"))
             if ready
             else None
         )
@@ -207,7 +207,7 @@ class RoundStatus:
             phase=phase,
             observed_generation=data.get("observedGeneration"),
             round=data.get("round"),
-            outcome=outcome,
+            headline=headline,
             conditions=conditions,
             spec_digest=data.get("specDigest"),
             pending_since=data.get("pendingSince"),
@@ -301,30 +301,30 @@ def _condition(
 def conditions_for(status: RoundStatus, generation: int, now: datetime) -> list[Condition]:
     """Ready / Progressing / Degraded (the contract) plus Reconciling / Stalled (for kstatus)."""
     previous = {c.type: c for c in status.conditions}
-    outcome = status.outcome or Outcome(reason=status.phase.value, message=f"round is {status.phase.value}")
+    headline = status.headline or Headline(reason=status.phase.value, message=f"round is {status.phase.value}")
     ready = status.phase is Phase.SUCCEEDED
     progressing = not status.phase.terminal
     failed = status.phase is Phase.FAILED
-    degraded = failed or outcome.degraded
+    degraded = failed or headline.degraded
     args = (generation, now)
     return [
-        _condition(previous, "Ready", ready, outcome.reason, outcome.message, *args),
-        _condition(previous, "Progressing", progressing, outcome.reason, outcome.message, *args),
+        _condition(previous, "Ready", ready, headline.reason, headline.message, *args),
+        _condition(previous, "Progressing", progressing, headline.reason, headline.message, *args),
         _condition(
             previous,
             "Degraded",
             degraded,
-            outcome.reason if degraded else "AsExpected",
-            outcome.message if degraded else "no problem",
+            headline.reason if degraded else "AsExpected",
+            headline.message if degraded else "no problem",
             *args,
         ),
-        _condition(previous, "Reconciling", progressing, outcome.reason, outcome.message, *args),
+        _condition(previous, "Reconciling", progressing, headline.reason, headline.message, *args),
         _condition(
             previous,
             "Stalled",
             failed,
-            outcome.reason if failed else "NotStalled",
-            outcome.message if failed else "not stalled",
+            headline.reason if failed else "NotStalled",
+            headline.message if failed else "not stalled",
             *args,
         ),
     ]

@@ -149,10 +149,16 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
 
     @kopf.on.login(registry=registry, id="login", retries=5, backoff=2)
     def login(memo: kopf.Memo, logger: Any, **_: Any) -> kopf.ConnectionInfo:
-        from mfed_operator.adapters.login import connect
+        # kopf calls this at start and again whenever the API answers 401 (e.g. after the kubelet
+        # rotated the ServiceAccount token): each call reads the credentials afresh and replaces
+        # the operator's own client as well, so both use the same, current token.
+        from mfed_operator.adapters.login import LoginError, connect
 
         runtime: Runtime = memo.runtime
-        api_client, fields = connect(config.kubeconfig)
+        try:
+            api_client, fields = connect(config.kubeconfig)
+        except LoginError as exc:
+            raise kopf.PermanentError(str(exc)) from None
         runtime.kube = Kube(api_client, config.api_timeout_seconds)
         info = kopf.ConnectionInfo(**fields)
         logger.info("logged in to %s", info.server)

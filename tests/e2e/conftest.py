@@ -20,9 +20,12 @@ from tests.support.kubeapi import KubeAPI, KubeClient
 from tests.support.kubelet import Kubelet
 from tests.support.operator import OperatorProcess, operator_env
 from tests.support.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
+from tests.support.tls import make_server_certificate
 from tests.support.waiting import wait_for
 
 BUCKET = "mfed"
+SERVICE_ACCOUNT_TOKEN = "jwt-of-the-operators-service-account"
+TEST_CLIENT_TOKEN = "test"  # what the tests' own KubeClient and the test kubelet send
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +113,31 @@ def make_cluster(seaweed: SeaweedFS, tmp_path: Path) -> Iterator[Callable[..., C
     """Start the world for one test; operator settings can be overridden (MFED_OPERATOR_*=...)."""
     started: list[tuple[KubeAPI, Kubelet | None, OperatorProcess | None]] = []
 
-    def make(**overrides: str) -> Cluster:
+    def make(*, in_cluster: bool = False, **overrides: str) -> Cluster:
+        """`in_cluster`: the API speaks https and the operator logs in from ServiceAccount files
+        (token, CA) and KUBERNETES_SERVICE_* as in a Pod, with no kubeconfig at all."""
         namespace = "mfed-demo"
-        api = KubeAPI().start()
+        api = KubeAPI(make_server_certificate(tmp_path / "tls") if in_cluster else None).start()
         started.append((api, None, None))
         kubelet = Kubelet(api.client(), tmp_path / "kubelet", extra_env={"OMP_NUM_THREADS": "1"}).start()
         started[-1] = (api, kubelet, None)
         env = operator_env(api, tmp_path, MFED_OPERATOR_WATCH_NAMESPACES=namespace, **overrides)
-        operator = OperatorProcess(env=env, log_path=tmp_path / "operator").start()
+        module = "mfed_operator.main"
+        if in_cluster:
+            assert api.tls is not None
+            account = tmp_path / "serviceaccount"
+            account.mkdir(exist_ok=True)
+            (account / "token").write_text(SERVICE_ACCOUNT_TOKEN)
+            (account / "ca.crt").write_bytes(api.tls.ca_path.read_bytes())
+            del env["MFED_OPERATOR_KUBECONFIG"]
+            env.update(
+                KUBERNETES_SERVICE_HOST="127.0.0.1",
+                KUBERNETES_SERVICE_PORT=str(api.port()),
+                MFED_TEST_SERVICEACCOUNT_DIR=str(account),
+            )
+            module = "tests.support.incluster_operator"
+            api.accept_only(SERVICE_ACCOUNT_TOKEN, TEST_CLIENT_TOKEN)
+        operator = OperatorProcess(env=env, log_path=tmp_path / "operator", module=module).start()
         started[-1] = (api, kubelet, operator)
         return Cluster(
             api=api, client=api.client(), kubelet=kubelet, operator=operator, s3=seaweed, namespace=namespace, env=env

@@ -6,11 +6,12 @@ from __future__ import annotations
 import copy
 import re
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Cluster, check_global_model
+from tests.e2e.conftest import SERVICE_ACCOUNT_TOKEN, Cluster, check_global_model
 from tests.support.manifests import EXAMPLES, load_kustomization
 from tests.support.seaweed import ACCESS_KEY, SECRET_KEY
 
@@ -132,3 +133,25 @@ def test_example_federation_trains_two_chained_rounds_to_a_verifiable_global_mod
     everything = str([cluster.status(n) for n in ("fashion-mnist", "fashion-mnist-r2")])
     everything += str(cluster.client.list("v1", "events", cluster.namespace)) + cluster.operator.output()
     assert SECRET_KEY not in everything and ACCESS_KEY not in everything
+
+
+def test_the_federation_runs_with_the_operator_logged_in_as_a_pod(make_cluster: Callable[..., Cluster]) -> None:
+    """In-cluster login end to end: https API, ServiceAccount token and CA files, no kubeconfig.
+    The emulated API answers 401 to any token but the ServiceAccount's (and the tests' own)."""
+    cluster = make_cluster(in_cluster=True)
+    objects = scaled_down_example(cluster)
+    for obj in objects:
+        if obj["kind"] == "FederationRound":
+            obj["spec"]["followUpRounds"] = 0
+    cluster.apply(*objects)
+    status = cluster.wait_phase("fashion-mnist", "Succeeded", "Failed", timeout=150)
+    assert status["phase"] == "Succeeded", status
+    check_global_model(cluster, status)
+    operator_calls = [r for r in cluster.api.requests() if r.token == SERVICE_ACCOUNT_TOKEN]
+    # kopf's calls, and the operator's own client's (the kubernetes client sends the scheme in
+    # the case its in-cluster loader stores it; RFC 7235 makes it case-insensitive).
+    assert {r.authorization for r in operator_calls} == {
+        f"Bearer {SERVICE_ACCOUNT_TOKEN}",
+        f"bearer {SERVICE_ACCOUNT_TOKEN}",
+    }
+    assert not [r for r in cluster.api.requests() if r.token is None], "a request without a valid bearer token"

@@ -18,6 +18,7 @@ import gzip
 import importlib.resources
 import json
 import secrets
+import ssl
 import threading
 import urllib.error
 import urllib.request
@@ -28,10 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp.test_utils
 import attrs
 import kmock
 import yaml
 from kmock._internal import dicts as kmock_dicts  # the emulator's own merge/JSON-patch semantics
+
+from tests.support.tls import ServerCertificate
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -62,8 +66,13 @@ class Emulator(kmock.KubernetesEmulator):
 
     _rv: int = attrs.field(default=100, init=False)
     status_resources: set[str] = attrs.field(factory=set)
+    # When set, a request whose bearer token is not in it gets 401, as from a real API server
+    # after a token stopped being valid (kmock checks no credentials at all).
+    accepted_tokens: set[str] | None = attrs.field(default=None)
 
     async def _handle(self, request: kmock.Request) -> Any:
+        if self.accepted_tokens is not None and _bearer(request.headers) not in self.accepted_tokens:
+            raise kmock.KubernetesError(status=401, reason="Unauthorized", message="Unauthorized")
         if request.resource is not None and request.action in (kmock.action.CREATE, kmock.action.UPDATE):
             self._prepare(request)
         return await super()._handle(request)
@@ -157,13 +166,23 @@ class LoggedRequest:
     # ones) and the query string (`watch=true` tells a watch from a list). For RBAC checks.
     token: str | None = None
     params: Mapping[str, str] = field(default_factory=dict)
+    authorization: str | None = None  # the Authorization header exactly as sent
     group: str | None = None
     version: str | None = None
 
 
+def _authorization(headers: Mapping[str, str]) -> str | None:
+    return next((v for k, v in headers.items() if k.lower() == "authorization"), None)
+
+
 def _bearer(headers: Mapping[str, str]) -> str | None:
-    value = next((v for k, v in headers.items() if k.lower() == "authorization"), "")
-    return value.removeprefix("Bearer ").strip() or None
+    """The token of a well-formed `Bearer <token>` header; None for anything else (so a doubled
+    `Bearer bearer <jwt>` is no token at all, as a real API server sees it)."""
+    scheme, _, token = (_authorization(headers) or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        return None
+    return token
 
 
 class LoopThread:
@@ -184,13 +203,17 @@ class LoopThread:
 
 
 class KubeAPI:
-    """The emulator served on 127.0.0.1 (free port), with the CRDs and built-in kinds declared."""
+    """The emulator served on 127.0.0.1 (free port), with the CRDs and built-in kinds declared.
 
-    def __init__(self) -> None:
+    With `tls` (a ServerCertificate), it serves https with that certificate, as a Pod's
+    in-cluster login requires."""
+
+    def __init__(self, tls: ServerCertificate | None = None) -> None:
         self._loop = LoopThread()
         self.emulator: Emulator | None = None
         self._server: kmock.Server | None = None
         self.url = ""
+        self.tls = tls
 
     def start(self) -> KubeAPI:
         async def start() -> str:
@@ -216,7 +239,7 @@ class KubeAPI:
                         emulator.status_resources.add(names["plural"])
             emulator.status_resources.add("jobs")
             await emulator.__aenter__()
-            server = kmock.Server(emulator)
+            server = kmock.Server(emulator, server_cls=_tls_server(self.tls)) if self.tls else kmock.Server(emulator)
             await server.__aenter__()
             self.emulator, self._server = emulator, server
             return str(server.url).rstrip("/")
@@ -271,6 +294,7 @@ class KubeAPI:
                         data=copy.deepcopy(r.data),
                         token=_bearer(r.headers),
                         params=dict(r.params),
+                        authorization=_authorization(r.headers),
                         group=r.resource.group if r.resource else None,
                         version=r.resource.version if r.resource else None,
                     )
@@ -280,7 +304,34 @@ class KubeAPI:
         return self._loop.run(snapshot())
 
     def client(self) -> KubeClient:
-        return KubeClient(self.url)
+        return KubeClient(self.url, ssl_context=self.tls.client_context() if self.tls else None)
+
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def accept_only(self, *tokens: str) -> None:
+        """From now on, answer 401 to any request without one of these bearer tokens."""
+        assert self.emulator is not None
+        self.emulator.accepted_tokens = set(tokens)
+
+
+def _tls_server(certificate: ServerCertificate) -> type[aiohttp.test_utils.RawTestServer]:
+    """kmock's server class, started with an SSL context (kmock itself has no TLS option)."""
+
+    class TLSServer(aiohttp.test_utils.RawTestServer):
+        async def start_server(self, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any) -> None:
+            await super().start_server(loop=loop, ssl=certificate.server_context(), **kwargs)
+
+        async def close(self) -> None:
+            # A TLS connection's close waits for the peer's close_notify (up to 30 s) before the
+            # socket is closed; the loop stops before that, leaking the socket. Abort instead.
+            server = self.runner.server if self.runner is not None else None
+            for handler in server.connections if server is not None else []:
+                if handler.transport is not None:
+                    handler.transport.abort()
+            await super().close()
+
+    return TLSServer
 
 
 class ApiError(Exception):
@@ -293,9 +344,10 @@ class ApiError(Exception):
 class KubeClient:
     """A tiny JSON client over urllib, with timeouts; enough for tests and the test kubelet."""
 
-    def __init__(self, base_url: str, timeout: float = 10) -> None:
+    def __init__(self, base_url: str, timeout: float = 10, ssl_context: ssl.SSLContext | None = None) -> None:
         self.base_url = base_url
         self.timeout = timeout
+        self.ssl_context = ssl_context
 
     @staticmethod
     def path(
@@ -325,7 +377,7 @@ class KubeClient:
             headers={"Content-Type": content_type, "Authorization": "Bearer test"},
         )
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as response:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self.ssl_context) as response:
                 text = response.read()
         except urllib.error.HTTPError as exc:
             payload = exc.read()
@@ -389,8 +441,8 @@ class KubeClient:
 
 
 @contextmanager
-def running_kubeapi() -> Iterator[KubeAPI]:
-    api = KubeAPI().start()
+def running_kubeapi(tls: ServerCertificate | None = None) -> Iterator[KubeAPI]:
+    api = KubeAPI(tls).start()
     try:
         yield api
     finally:

@@ -64,19 +64,22 @@ class OperatorProcess:
 
     env: Mapping[str, str]
     log_path: Path
+    # The module run with `python -m`: the image's entrypoint, or tests.support.incluster_operator
+    # (the same, logging in from ServiceAccount files as in a Pod).
+    module: str = "mfed_operator.main"
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
     logs: list[Path] = field(default_factory=list)
 
     def start(self) -> OperatorProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MFED_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MFED_", "KUBERNETES_SERVICE_", "KUBECONFIG"))}
         env.update(self.env)
         self.starts += 1
         log = self.log_path.with_suffix(f".{self.starts}.log")
         self.logs.append(log)
         handle = log.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mfed_operator.main"],
+            [sys.executable, "-m", self.module],
             env=env,
             stdout=handle,
             stderr=subprocess.STDOUT,

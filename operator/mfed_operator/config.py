@@ -24,6 +24,7 @@ class OperatorConfig:
     trainer_image: str = "mfed-trainer:0.1.0"
     image_pull_policy: str = "IfNotPresent"
     metrics_port: int = 9090  # 0 disables the metrics endpoint
+    metrics_host: str = "0.0.0.0"  # in a Pod, so Prometheus reaches it; tests bind 127.0.0.1
     health_port: int = 8080
     health_path: str = "/healthz"
     health_host: str = "0.0.0.0"
@@ -68,6 +69,7 @@ class OperatorConfig:
             trainer_image=r.text("TRAINER_IMAGE", cls.trainer_image),
             image_pull_policy=r.choice("IMAGE_PULL_POLICY", cls.image_pull_policy, ("Always", "IfNotPresent", "Never")),
             metrics_port=r.integer("METRICS_PORT", cls.metrics_port, 0, 65535),
+            metrics_host=r.text("METRICS_HOST", cls.metrics_host),
             health_port=r.integer("HEALTH_PORT", cls.health_port, 1, 65535),
             health_path=r.text("HEALTH_PATH", cls.health_path),
             health_host=r.text("HEALTH_HOST", cls.health_host),

@@ -136,7 +136,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         # Handlers give up after their own retries (kopf's default is to retry forever).
         settings.execution.max_workers = config.worker_threads
         runtime = Runtime(config=config)
-        runtime.metrics.serve(config.metrics_port)
+        runtime.metrics.serve(config.metrics_port, config.metrics_host)
         runtime.executor = Executor(config, runtime.metrics, runtime.require_kube)
         memo.runtime = runtime
 

@@ -333,8 +333,21 @@ def test_install_notes_tell_the_next_command(helm4: Helm) -> None:
     assert f"kubectl -n {NAMESPACE} rollout status deployment/{RELEASE}" in notes
     assert "serving namespaces: team-a" in notes
     assert "does not serve: add it to" in notes  # the example's namespace is not watched
-    assert "helm upgrade` never updates them" in notes
     assert "kubectl apply --server-side --force-conflicts -f" in notes
+
+
+@pytest.mark.parametrize("skip_crds", [True, False])
+def test_install_notes_never_claim_crds_the_cluster_does_not_have(helm4: Helm, skip_crds: bool) -> None:
+    """Helm tells templates nothing of --skip-crds; the note looks the CRDs up in the cluster.
+    A client-only dry run has no cluster, so this takes the branch `--skip-crds` takes on a real
+    install where nobody applied the CRDs (the other branch needs a real API server's lookup)."""
+    args = ["install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client"]
+    result = helm4.run(*args, *(["--skip-crds"] if skip_crds else []))
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert "helm installed them" not in notes and "both are in the cluster" not in notes
+    assert "CRDs: not found in the cluster (installed with --skip-crds" in notes
+    assert "kubectl apply --server-side --force-conflicts -f <chart>/crds/" in notes
+    assert "`helm upgrade`, which never updates CRDs" in notes
 
 
 def _write(values: dict[str, Any]) -> str:
@@ -380,6 +393,7 @@ def test_helm_binaries_are_the_pinned_real_releases() -> None:
 NOT_EXPOSED = {
     "kubeconfig": "only outside a cluster; in the Pod the ServiceAccount is used",
     "health_host": "0.0.0.0 in a Pod, so the kubelet's probes reach it",
+    "metrics_host": "0.0.0.0 in a Pod, so Prometheus reaches it through the metrics Service",
     "health_path": "the probes use /healthz; the chart fixes it",
 }
 

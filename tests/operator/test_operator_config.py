@@ -47,3 +47,21 @@ def test_settings_are_read_from_prefixed_variables() -> None:
 def test_a_bad_variable_stops_the_operator_with_a_message_naming_it(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         OperatorConfig.from_env(env)
+
+
+def test_the_metrics_server_binds_the_configured_address_only() -> None:
+    from mfed_operator.metrics import Metrics
+
+    from tests.support.ports import free_ports
+
+    (port,) = free_ports(1)
+    config = OperatorConfig.from_env(
+        {"MFED_OPERATOR_METRICS_HOST": "127.0.0.1", "MFED_OPERATOR_METRICS_PORT": str(port)}
+    )
+    assert OperatorConfig.from_env({}).metrics_host == "0.0.0.0"  # a Pod's default: Prometheus must reach it
+    metrics = Metrics()
+    metrics.serve(config.metrics_port, config.metrics_host)
+    try:
+        assert metrics._server is not None and metrics._server.server_address == ("127.0.0.1", port)
+    finally:
+        metrics.stop()

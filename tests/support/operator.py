@@ -31,6 +31,7 @@ def operator_env(api: KubeAPI, tmp: Path, **overrides: str) -> dict[str, str]:
         "MFED_OPERATOR_METRICS_PORT": str(metrics),
         "MFED_OPERATOR_HEALTH_PORT": str(health),
         "MFED_OPERATOR_HEALTH_HOST": "127.0.0.1",
+        "MFED_OPERATOR_METRICS_HOST": "127.0.0.1",
         "MFED_OPERATOR_API_RETRY_DELAY_SECONDS": "0.5",
         "MFED_OPERATOR_STORAGE_RETRY_BASE_SECONDS": "0.5",
         "MFED_OPERATOR_STORAGE_RETRY_MAX_SECONDS": "2",

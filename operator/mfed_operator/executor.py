@@ -86,7 +86,13 @@ class Executor:
         name = r.storage.secret_name or self._config.default_s3_secret
         if not name:
             return None
-        keys = await self._io(self._kube().secret_keys, r.namespace, name)
+        try:
+            keys = await self._io(self._kube().secret_keys, r.namespace, name)
+        except Refused as exc:
+            if exc.status != 403:
+                raise
+            # Least privilege: the chart grants Secrets by name (rbac.secretNames); say which to add.
+            return SecretCheck(name=name, exists=False, forbidden=True)
         wanted = (r.storage.access_key_key, r.storage.secret_key_key)
         return SecretCheck(
             name=name,

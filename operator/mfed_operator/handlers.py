@@ -127,6 +127,10 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         # The CRDs are installed before the operator (the chart does it), so no cluster-wide
         # list/watch of CRDs and namespaces is needed: that keeps the RBAC minimal.
         settings.scanning.disabled = True
+        # Jobs: the API sends only ours (a server-side label selector on every list and watch),
+        # so a cluster-wide operator does not stream every Job of the cluster. The index's
+        # `labels=` filter stays as a second, client-side check.
+        settings.watching.label_selectors["batch", "v1", "jobs"] = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
         # Explicit network timeouts for kopf's own API calls (its default is 5 minutes).
         settings.networking.request_timeout = config.api_timeout_seconds
         settings.networking.connect_timeout = min(10.0, config.api_timeout_seconds)

@@ -40,6 +40,15 @@ class Need:
     permission: Permission
     namespace: str | None
     request: str
+    name: str | None = None  # the object's name, for rules restricted by resourceNames
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A permission a rule grants; `names` from resourceNames (None: any name)."""
+
+    permission: Permission
+    names: frozenset[str] | None = None
 
 
 def _verb(r: LoggedRequest) -> str:
@@ -78,19 +87,38 @@ def needs(requests: Iterable[LoggedRequest]) -> tuple[list[Need], list[str]]:
             discovery.append(r.path)
             continue
         resource = r.plural + (f"/{r.subresource}" if r.subresource else "")
-        out.append(Need(Permission(_verb(r), r.group or "", resource), r.namespace, label))
+        out.append(Need(Permission(_verb(r), r.group or "", resource), r.namespace, label, r.name))
         if _verb(r) in ("create", "patch", "update"):
             out.extend(Need(p, r.namespace, label + " (ownerReferences)") for p in _owner_finalizers(r))
     return out, discovery
 
 
-def granted(rules: Iterable[Mapping[str, Any]]) -> set[Permission]:
+def grants(rules: Iterable[Mapping[str, Any]]) -> list[Grant]:
     """Every (verb, group, resource) the rules grant, spelled out (no wildcards allowed)."""
-    out = set()
+    out = []
     for rule in rules:
+        names = frozenset(rule["resourceNames"]) if rule.get("resourceNames") else None
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 for verb in rule["verbs"]:
                     assert "*" not in (group, resource, verb), rule
-                    out.add(Permission(verb, group, resource))
+                    out.append(Grant(Permission(verb, group, resource), names))
     return out
+
+
+def granted(rules: Iterable[Mapping[str, Any]]) -> set[Permission]:
+    """The permissions the rules grant, for some name or all."""
+    return {g.permission for g in grants(rules)}
+
+
+# RBAC docs: resourceNames cannot restrict create, list, watch or deletecollection (the request
+# carries no name to check), so a rule with resourceNames grants those verbs to nothing.
+NAMED_VERBS = {"get", "update", "patch", "delete"}
+
+
+def allows(rules: Iterable[Mapping[str, Any]], need: Need) -> bool:
+    return any(
+        g.permission == need.permission
+        and (g.names is None or (need.permission.verb in NAMED_VERBS and need.name in g.names))
+        for g in grants(rules)
+    )

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.chart.argocd import health
-from tests.chart.rbac import Need, Permission, granted, needs
+from tests.chart.rbac import Need, Permission, allows, granted, needs
 from tests.chart.tools import NAMESPACE, Helm, helm_binary
 from tests.e2e import test_federation
 from tests.e2e.conftest import BUCKET, Cluster, seaweed  # noqa: F401 (seaweed: the S3 fixture)
@@ -35,6 +35,7 @@ from tests.support.seaweed import SeaweedFS
 
 pytestmark = pytest.mark.slow
 DEMO_NAMESPACE = "mfed-demo"  # where tests.e2e's clusters run, and the operator watches
+SECRET_RULE = {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}
 
 
 @dataclass(frozen=True)
@@ -170,8 +171,8 @@ def all_needs(runs: dict[str, Run]) -> list[Need]:
     return out
 
 
-def denied(need_list: list[Need], permissions: set[Permission]) -> list[str]:
-    return sorted({f"{n.permission} (e.g. {n.request})" for n in need_list if n.permission not in permissions})
+def denied(need_list: list[Need], rules: list[dict[str, Any]]) -> list[str]:
+    return sorted({f"{n.permission} (e.g. {n.request})" for n in need_list if not allows(rules, n)})
 
 
 def test_the_runs_exercised_the_operator_against_the_api(runs: dict[str, Run]) -> None:
@@ -186,7 +187,7 @@ def test_every_api_call_of_the_operator_is_granted_by_the_cluster_role(runs: dic
     helm = helm_binary(4)
     roles = operator_rules(helm)
     assert list(roles) == [None], "cluster-wide install: one ClusterRole bound to the operator"
-    assert denied(all_needs(runs), granted(roles[None])) == []
+    assert denied(all_needs(runs), roles[None]) == []
 
 
 def test_every_verb_the_cluster_role_grants_was_used(runs: dict[str, Run]) -> None:
@@ -203,7 +204,27 @@ def test_a_namespaced_install_grants_every_call_through_the_role_in_the_watched_
     all_found = all_needs(runs)
     # A Role grants nothing outside its namespace: the operator must never call cluster-wide.
     assert sorted({n.request for n in all_found if n.namespace != DEMO_NAMESPACE}) == []
-    assert denied(all_found, granted(roles[DEMO_NAMESPACE])) == []
+    assert denied(all_found, roles[DEMO_NAMESPACE]) == []
+
+
+def test_no_install_mode_lets_the_operator_read_every_secret() -> None:
+    """Secrets are granted by name (rbac.secretNames, plus trainer.s3.credentialsSecret); only a
+    namespaced install with no names reads any Secret, and only in the namespaces it serves."""
+    helm = helm_binary(4)
+
+    def secret_rules(values: dict[str, Any]) -> dict[str | None, list[dict[str, Any]]]:
+        return {
+            ns: [r for r in rules if "secrets" in r["resources"]] for ns, rules in operator_rules(helm, values).items()
+        }
+
+    assert secret_rules({}) == {None: [SECRET_RULE | {"resourceNames": ["s3-credentials"]}]}
+    both = secret_rules({"trainer": {"s3": {"credentialsSecret": "team-s3"}}})
+    assert both == {None: [SECRET_RULE | {"resourceNames": ["s3-credentials", "team-s3"]}]}
+    assert secret_rules({"rbac": {"secretNames": []}}) == {None: []}  # cluster-wide: none at all
+    served = secret_rules({"rbac": {"secretNames": []}, "watchNamespaces": ["team-a"]})
+    assert served == {"team-a": [SECRET_RULE]}  # any Secret, in the served namespace only
+    other = Need(Permission("get", "", "secrets"), "team-a", "GET .../secrets/other", "other")
+    assert not allows(operator_rules(helm)[None], other)
 
 
 def test_the_rbac_rules_are_the_same_for_helm_3(runs: dict[str, Run]) -> None:

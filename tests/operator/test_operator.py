@@ -113,3 +113,17 @@ def test_a_valid_round_adopts_its_init_job_without_copying_the_rounds_labels(kub
     assert status["phase"] == "Pending" and ready(status)["reason"] == "Initializing"
     # The create went to the API once per reconciliation at most, and never as a duplicate object.
     assert job_names(kubeapi, NS) == ["good-init"]
+
+
+def test_jobs_are_listed_and_watched_with_a_server_side_label_selector(kubeapi: KubeAPI, tmp_path: Path) -> None:
+    """The selector must reach the API: the emulator filters nothing (it ignores selectors), so
+    this asserts the query the operator sent, which a real API server would apply."""
+    c = kubeapi.client()
+    c.create(m.secret(NS, "s3-credentials", "id", "key"))
+    c.create(m.sitetask(NS, "a", federation="fed", task="cls10", task_type="classification", shard=0, shards=1))
+    c.create(m.federation_round(NS, "good", federation="fed", bucket="models", endpoint="http://127.0.0.1:9"))
+    with operator_in_thread(operator_env(kubeapi, tmp_path), NS):
+        wait_for(lambda: c.get("batch/v1", "jobs", NS, "good-init"), timeout=20, what="the init Job")
+    reads = [r for r in kubeapi.requests() if r.plural == "jobs" and r.method == "GET" and r.name is None]
+    assert {"list", "watch"} <= {"watch" if r.params.get("watch") == "true" else "list" for r in reads}
+    assert {r.params.get("labelSelector") for r in reads} == {"app.kubernetes.io/managed-by=mfed-operator"}

@@ -137,6 +137,14 @@ CASES = [
         phase=Phase.FAILED,
         reason="SecretNotFound",
     ),
+    Case(
+        "pending: a Secret the operator may not read fails after the grace period, naming the RBAC fix",
+        RoundStatus(pending_since=iso(NOW)),
+        secret=SecretCheck(name="team-s3", exists=False, forbidden=True),
+        now=later(61),
+        phase=Phase.FAILED,
+        reason="SecretForbidden",
+    ),
     Case("pending: no site selected waits", RoundStatus(pending_since=iso(NOW)), sites=(), reason="NoSitesSelected"),
     Case(
         "pending: quorum above the selection fails after the grace period",
@@ -495,3 +503,13 @@ def test_action_types_used_in_the_table_exist() -> None:
     }
     for case in CASES:
         assert set(case.actions) <= names
+
+
+def test_a_forbidden_secret_says_which_chart_value_grants_it() -> None:
+    from mfed_operator.domain.validation import validate_selection
+
+    secret = SecretCheck(name="team-s3", exists=False, forbidden=True)
+    problems = validate_selection(round_view(), [site("a")], [], secret, None, max_sites=256)
+    assert [p.reason for p in problems] == ["SecretForbidden"]
+    assert "add team-s3 to the chart's rbac.secretNames" in problems[0].message
+    assert "in namespace team-a" in problems[0].message

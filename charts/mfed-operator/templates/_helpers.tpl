@@ -110,10 +110,20 @@ API requests of an end-to-end federation, that each call is granted and each ver
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "delete"]
-# The rounds' S3 credentials Secret (and its keys).
+{{- $secrets := include "mfed-operator.secretNames" . | fromJsonArray }}
+{{- if $secrets }}
+# The rounds' S3 credentials Secrets (their keys), by name only (rbac.secretNames): never every
+# Secret of a namespace, let alone of the cluster.
+- apiGroups: [""]
+  resources: ["secrets"]
+  resourceNames: {{ $secrets | toJson }}
+  verbs: ["get"]
+{{- else if .Values.watchNamespaces }}
+# The rounds' S3 credentials Secret (its keys), any name, in the served namespaces only.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
+{{- end }}
 # The optional S3 CA bundle (spec.storage.caBundle).
 - apiGroups: [""]
   resources: ["configmaps"]
@@ -122,4 +132,13 @@ API requests of an end-to-end federation, that each call is granted and each ver
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- end -}}
+
+
+{{- /* The Secret names the operator may read: rbac.secretNames plus the default credentials
+       Secret (trainer.s3.credentialsSecret), sorted and unique, as a JSON list. */}}
+{{- define "mfed-operator.secretNames" -}}
+{{- $names := .Values.rbac.secretNames | default list -}}
+{{- with .Values.trainer.s3.credentialsSecret }}{{ $names = append $names . }}{{ end -}}
+{{- $names | uniq | sortAlpha | toJson -}}
 {{- end -}}

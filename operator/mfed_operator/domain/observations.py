@@ -104,3 +104,4 @@ class SecretCheck:
     name: str
     exists: bool
     missing_keys: tuple[str, ...] = ()
+    forbidden: bool = False  # the API refused the operator reading it (403): an RBAC matter

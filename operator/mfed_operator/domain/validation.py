@@ -82,7 +82,17 @@ def validate_selection(
                 w,
             )
         )
-    if secret is not None and not secret.exists:
+    if secret is not None and secret.forbidden:
+        problems.append(
+            Problem(
+                "SecretForbidden",
+                f"the operator may not read Secret {secret.name} (spec.storage.credentialsSecret) in namespace "
+                f"{r.namespace}: add {secret.name} to the chart's rbac.secretNames (helm upgrade), or bind the "
+                "operator a Role that may get it (docs/install.md, RBAC)",
+                w,
+            )
+        )
+    elif secret is not None and not secret.exists:
         problems.append(
             Problem(
                 "SecretNotFound",

@@ -10,13 +10,16 @@ opaque string), and RBAC (tests/chart/test_rbac.py proves that from the request 
 
 from __future__ import annotations
 
+import datetime
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from kubernetes import client
-from kubernetes.config import incluster_config
-from mfed_operator.adapters.login import LoginError, bearer_token
+from kubernetes.config import incluster_config, kube_config
+from mfed_operator.adapters.kube import Kube, KubeUnavailable
+from mfed_operator.adapters.login import LoginError, bearer_token, connect
 
 from tests.support import manifests as m
 from tests.support.kubeapi import KubeAPI, LoggedRequest, running_kubeapi
@@ -42,6 +45,9 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[K
         monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
         monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(api.port()))
         monkeypatch.delenv("KUBECONFIG", raising=False)
+        # Nor the client's fallback, ~/.kube/config: a stray one would hide a broken in-cluster path.
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "home" / ".kube" / "config"))
         api.accept_only("jwt-first", TEST_CLIENT_TOKEN)
         yield api, account
 
@@ -98,6 +104,40 @@ def test_in_cluster_login_sends_one_bearer_scheme_and_follows_a_rotated_token(
     # Once a call carried the new token, none carries the old one again.
     first_new = next(i for i, r in enumerate(after) if r.authorization in (kopf_new, client_new))
     assert all(r.authorization in (kopf_new, client_new) for r in after[first_new:])
+
+
+def test_the_operators_own_client_reads_a_rotated_token_within_a_minute_without_a_new_login(
+    cluster: tuple[KubeAPI, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between two kopf logins (kopf logs in again only on a 401 of its own calls), the ApiClient
+    that connect() built follows the token file by itself: the in-cluster loader's refresh hook,
+    kept on that Configuration, re-reads the file once its copy is a minute old."""
+    api, account = cluster
+    api.client().create(m.secret(NS, "s3-credentials", "id", "key"))
+    api_client, _ = connect(None)
+    kube = Kube(api_client, timeout_seconds=10)
+    try:
+        assert kube.secret_keys(NS, "s3-credentials")
+        (account / "token").write_text("jwt-second")
+        api.accept_only("jwt-second", TEST_CLIENT_TOKEN)
+        with pytest.raises(KubeUnavailable, match="401"):  # within the minute: the old copy
+            kube.secret_keys(NS, "s3-credentials")
+
+        real = datetime.datetime
+
+        class MinuteLater(real):
+            @classmethod
+            def now(cls, tz: datetime.tzinfo | None = None) -> MinuteLater:
+                return real.now(tz) + datetime.timedelta(seconds=61)  # type: ignore[return-value]
+
+        # Only the loader's clock moves on (its module's `datetime`), not the test's or the server's.
+        clock = types.SimpleNamespace(datetime=MinuteLater, timedelta=datetime.timedelta)
+        monkeypatch.setattr(incluster_config, "datetime", clock)
+        assert kube.secret_keys(NS, "s3-credentials")
+    finally:
+        api_client.close()
+    reads = [r.authorization for r in api.requests() if r.plural == "secrets" and r.method == "GET"]
+    assert reads == ["bearer jwt-first", "bearer jwt-first", "bearer jwt-second"]
 
 
 @pytest.mark.parametrize(

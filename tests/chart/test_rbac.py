@@ -1,14 +1,19 @@
 """The chart's RBAC is exactly what the operator uses: proven from the API requests of real runs.
 
 The operator's end-to-end federation test (tests/e2e/test_federation.py: the example federation,
-two chained rounds, real trainer processes, real S3) runs against the emulated API server, then
-a short scenario takes the paths that federation never takes (a Job name clash, a straggler whose
-Job is deleted, an S3 CA bundle). The emulator logs every request with its bearer token, so the
-operator's own calls are told apart from the tests' and the test kubelet's. Then:
-- sufficient: each call is granted by the rendered ClusterRole (cluster-wide install) and by the
-  Role in the watched namespace (namespaced install);
+two chained rounds, real trainer processes, real S3) runs against the emulated API server the
+way the chart's default install runs it: cluster-wide (no watchNamespaces), logged in as a Pod
+(ServiceAccount token and CA, https). Then a short scenario, with a namespaced operator, takes
+the paths that federation never takes (a Job name clash, a straggler whose Job is deleted, an S3
+CA bundle). The emulator logs every request with its bearer token, so the operator's own calls
+are told apart from the tests' and the test kubelet's. Then:
+- sufficient: each call is granted by the rendered ClusterRole (cluster-wide install; with the
+  cluster-scoped lists and watches a cluster-wide operator really makes) and by the Role in the
+  watched namespace (namespaced install);
 - minimal: each verb on each resource the role grants was used by some call.
 The same runs also feed the Argo CD health checks and the kstatus fields real statuses.
+What the emulator does not do here: authorize (it logs; this module is the authorizer) and
+filter by label (the Jobs selector is asserted as sent).
 """
 
 from __future__ import annotations
@@ -26,12 +31,20 @@ from tests.chart.argocd import health
 from tests.chart.rbac import Need, Permission, allows, granted, needs
 from tests.chart.tools import NAMESPACE, Helm, helm_binary
 from tests.e2e import test_federation
-from tests.e2e.conftest import BUCKET, Cluster, seaweed  # noqa: F401 (seaweed: the S3 fixture)
+from tests.e2e.conftest import (  # noqa: F401 (seaweed: the S3 fixture)
+    BUCKET,
+    SERVICE_ACCOUNT_TOKEN,
+    TEST_CLIENT_TOKEN,
+    Cluster,
+    as_a_pod,
+    seaweed,
+)
 from tests.e2e.test_failures import new_round, sites
 from tests.support.kubeapi import KUBECONFIG_TOKEN, KubeAPI, LoggedRequest
 from tests.support.kubelet import Kubelet
 from tests.support.operator import OperatorProcess, operator_env
 from tests.support.seaweed import SeaweedFS
+from tests.support.tls import make_server_certificate
 
 pytestmark = pytest.mark.slow
 DEMO_NAMESPACE = "mfed-demo"  # where tests.e2e's clusters run, and the operator watches
@@ -45,17 +58,26 @@ class Run:
     requests: list[LoggedRequest]
     rounds: dict[str, dict[str, Any]]
     sitetasks: dict[str, dict[str, Any]]
+    cluster_wide: bool
 
 
 @contextmanager
-def cluster(s3: SeaweedFS, workdir: Path) -> Iterator[Cluster]:
-    """The e2e world (emulated API, test kubelet, real operator process), like tests.e2e's make_cluster."""
-    api = KubeAPI().start()
+def cluster(s3: SeaweedFS, workdir: Path, *, cluster_wide: bool) -> Iterator[Cluster]:
+    """The e2e world (emulated API, test kubelet, real operator process), like tests.e2e's make_cluster.
+
+    `cluster_wide`: as the chart's default install runs it, no watchNamespaces and logged in as a
+    Pod (tests.e2e.conftest.as_a_pod); otherwise namespaced, through a kubeconfig."""
+    api = KubeAPI(make_server_certificate(workdir / "tls") if cluster_wide else None).start()
     kubelet = operator = None
     try:
         kubelet = Kubelet(api.client(), workdir / "kubelet", extra_env={"OMP_NUM_THREADS": "1"}).start()
-        env = operator_env(api, workdir, MFED_OPERATOR_WATCH_NAMESPACES=DEMO_NAMESPACE)
-        operator = OperatorProcess(env=env, log_path=workdir / "operator").start()
+        if cluster_wide:
+            env = operator_env(api, workdir)
+            module = as_a_pod(api, workdir, env)
+        else:
+            env = operator_env(api, workdir, MFED_OPERATOR_WATCH_NAMESPACES=DEMO_NAMESPACE)
+            module = "mfed_operator.main"
+        operator = OperatorProcess(env=env, log_path=workdir / "operator", module=module).start()
         yield Cluster(
             api=api,
             client=api.client(),
@@ -73,13 +95,18 @@ def cluster(s3: SeaweedFS, workdir: Path) -> Iterator[Cluster]:
         api.stop()
 
 
-def finish(c: Cluster) -> Run:
+def finish(c: Cluster, cluster_wide: bool) -> Run:
     objects = {
         plural: {o["metadata"]["name"]: o for o in c.client.list("mfed.dev/v1alpha1", plural, c.namespace)}
         for plural in ("federationrounds", "sitetasks")
     }
-    requests = [r for r in c.api.requests() if r.token == KUBECONFIG_TOKEN]
-    return Run(requests=requests, rounds=objects["federationrounds"], sitetasks=objects["sitetasks"])
+    operator = SERVICE_ACCOUNT_TOKEN if cluster_wide else KUBECONFIG_TOKEN
+    log = c.api.requests()
+    assert {r.token for r in log} <= {operator, TEST_CLIENT_TOKEN}, "a request from an unknown identity"
+    requests = [r for r in log if r.token == operator]
+    return Run(
+        requests=requests, rounds=objects["federationrounds"], sitetasks=objects["sitetasks"], cluster_wide=cluster_wide
+    )
 
 
 def federation(c: Cluster) -> None:
@@ -134,10 +161,10 @@ def edge_paths(c: Cluster) -> None:
 @pytest.fixture(scope="module")
 def runs(seaweed: SeaweedFS, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:  # noqa: F811
     out = {}
-    for name, scenario in (("federation", federation), ("edges", edge_paths)):
-        with cluster(seaweed, tmp_path_factory.mktemp(name)) as c:
+    for name, scenario, cluster_wide in (("federation", federation, True), ("edges", edge_paths, False)):
+        with cluster(seaweed, tmp_path_factory.mktemp(name), cluster_wide=cluster_wide) as c:
             scenario(c)
-            out[name] = finish(c)
+            out[name] = finish(c, cluster_wide)
     assert threading.active_count() < 50  # nothing left running between scenarios
     return out
 
@@ -162,9 +189,12 @@ def operator_rules(helm: Helm, values: dict[str, Any] | None = None) -> dict[str
     return out
 
 
-def all_needs(runs: dict[str, Run]) -> list[Need]:
+def all_needs(runs: dict[str, Run], *, cluster_wide: bool | None = None) -> list[Need]:
+    """The permissions the runs' requests need (only those of one mode, when `cluster_wide` is given)."""
     out = []
     for run in runs.values():
+        if cluster_wide is not None and run.cluster_wide is not cluster_wide:
+            continue
         found, discovery = needs(run.requests)
         assert discovery, "the operator did no discovery: were its requests logged at all?"
         out.extend(found)
@@ -190,6 +220,18 @@ def test_every_api_call_of_the_operator_is_granted_by_the_cluster_role(runs: dic
     assert denied(all_needs(runs), roles[None]) == []
 
 
+def test_the_cluster_wide_run_listed_and_watched_at_cluster_scope_and_jobs_by_label_only(runs: dict[str, Run]) -> None:
+    # What a cluster-wide install really asks for (so the ClusterRole proof above covers it): the
+    # three kinds listed and watched across namespaces, Jobs with the server-side label selector.
+    scoped = [r for r in runs["federation"].requests if r.method == "GET" and r.plural and r.namespace is None]
+    kinds = {(r.plural, "watch" if r.params.get("watch") == "true" else "list") for r in scoped}
+    assert kinds == {(p, v) for p in ("federationrounds", "sitetasks", "jobs") for v in ("list", "watch")}
+    jobs = {r.params.get("labelSelector") for r in scoped if r.plural == "jobs"}
+    assert jobs == {"app.kubernetes.io/managed-by=mfed-operator"}
+    # Everything else the cluster-wide operator did happened in the namespace of the federation.
+    assert {r.namespace for r in runs["federation"].requests if r.plural and r not in scoped} == {DEMO_NAMESPACE}
+
+
 def test_every_verb_the_cluster_role_grants_was_used(runs: dict[str, Run]) -> None:
     helm = helm_binary(4)
     used = {n.permission for n in all_needs(runs)}
@@ -201,10 +243,14 @@ def test_a_namespaced_install_grants_every_call_through_the_role_in_the_watched_
     helm = helm_binary(4)
     roles = operator_rules(helm, {"watchNamespaces": [DEMO_NAMESPACE]})
     assert list(roles) == [DEMO_NAMESPACE]
-    all_found = all_needs(runs)
-    # A Role grants nothing outside its namespace: the operator must never call cluster-wide.
-    assert sorted({n.request for n in all_found if n.namespace != DEMO_NAMESPACE}) == []
-    assert denied(all_found, roles[DEMO_NAMESPACE]) == []
+    namespaced = all_needs(runs, cluster_wide=False)
+    # A Role grants nothing outside its namespace: a namespaced operator must never call cluster-wide.
+    assert sorted({n.request for n in namespaced if n.namespace != DEMO_NAMESPACE}) == []
+    # The cluster-wide run's calls inside the namespace are the same a namespaced operator makes
+    # (only the watches' scope differs), so they must be granted by the Role too.
+    in_namespace = [n for n in all_needs(runs) if n.namespace is not None]
+    assert denied(in_namespace, roles[DEMO_NAMESPACE]) == []
+    assert denied(namespaced, roles[DEMO_NAMESPACE]) == []
 
 
 def test_no_install_mode_lets_the_operator_read_every_secret() -> None:

@@ -108,6 +108,28 @@ class Cluster:
         return any(o["Key"] == key for o in listing.get("Contents") or [])
 
 
+def as_a_pod(api: KubeAPI, tmp: Path, env: dict[str, str]) -> str:
+    """Turn `env` (tests.support.operator's) into a Pod's: ServiceAccount token and CA files,
+    KUBERNETES_SERVICE_*, no kubeconfig; the API (started with a certificate) accepts only the
+    ServiceAccount's and the tests' tokens. Returns the module to run the operator with."""
+    assert api.tls is not None, "in-cluster login needs an https API: KubeAPI(make_server_certificate(...))"
+    account = tmp / "serviceaccount"
+    account.mkdir(exist_ok=True)
+    (account / "token").write_text(SERVICE_ACCOUNT_TOKEN)
+    (account / "ca.crt").write_bytes(api.tls.ca_path.read_bytes())
+    Path(env.pop("MFED_OPERATOR_KUBECONFIG")).unlink()  # no kubeconfig anywhere
+    home = tmp / "home"  # nor ~/.kube/config, the client's fallback
+    home.mkdir(exist_ok=True)
+    env.update(
+        KUBERNETES_SERVICE_HOST="127.0.0.1",
+        KUBERNETES_SERVICE_PORT=str(api.port()),
+        MFED_TEST_SERVICEACCOUNT_DIR=str(account),
+        HOME=str(home),
+    )
+    api.accept_only(SERVICE_ACCOUNT_TOKEN, TEST_CLIENT_TOKEN)
+    return "tests.support.incluster_operator"
+
+
 @pytest.fixture
 def make_cluster(seaweed: SeaweedFS, tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     """Start the world for one test; operator settings can be overridden (MFED_OPERATOR_*=...)."""
@@ -122,21 +144,7 @@ def make_cluster(seaweed: SeaweedFS, tmp_path: Path) -> Iterator[Callable[..., C
         kubelet = Kubelet(api.client(), tmp_path / "kubelet", extra_env={"OMP_NUM_THREADS": "1"}).start()
         started[-1] = (api, kubelet, None)
         env = operator_env(api, tmp_path, MFED_OPERATOR_WATCH_NAMESPACES=namespace, **overrides)
-        module = "mfed_operator.main"
-        if in_cluster:
-            assert api.tls is not None
-            account = tmp_path / "serviceaccount"
-            account.mkdir(exist_ok=True)
-            (account / "token").write_text(SERVICE_ACCOUNT_TOKEN)
-            (account / "ca.crt").write_bytes(api.tls.ca_path.read_bytes())
-            del env["MFED_OPERATOR_KUBECONFIG"]
-            env.update(
-                KUBERNETES_SERVICE_HOST="127.0.0.1",
-                KUBERNETES_SERVICE_PORT=str(api.port()),
-                MFED_TEST_SERVICEACCOUNT_DIR=str(account),
-            )
-            module = "tests.support.incluster_operator"
-            api.accept_only(SERVICE_ACCOUNT_TOKEN, TEST_CLIENT_TOKEN)
+        module = as_a_pod(api, tmp_path, env) if in_cluster else "mfed_operator.main"
         operator = OperatorProcess(env=env, log_path=tmp_path / "operator", module=module).start()
         started[-1] = (api, kubelet, operator)
         return Cluster(

@@ -3,6 +3,13 @@
 In a cluster: the Pod's ServiceAccount token and CA, read by the kubernetes client's in-cluster
 loader. Outside: a kubeconfig file (MFED_OPERATOR_KUBECONFIG, else the client's default lookup).
 
+Why not kopf's own logins. `kopf.login_via_client` loads the credentials into the kubernetes
+client's process-wide default Configuration and builds kopf's from a copy, so the operator's own
+ApiClient would need a second load: two reads of a token file the kubelet may rewrite in between.
+`kopf.login_with_service_account` hard-codes https://kubernetes.default.svc and ignores
+KUBERNETES_SERVICE_HOST/PORT (the address the Pod is given; it also needs cluster DNS). Here one
+load feeds both clients, and the scheme is parsed case-insensitively (`bearer_token`).
+
 Token rotation. A bound ServiceAccount token is rewritten by the kubelet about hourly; the old
 one stays valid for a while after that. Two paths pick the new one up:
 - kopf re-runs the login handler when the API answers 401; `connect()` then reads the files

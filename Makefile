@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 PILOT_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap pilot pilot-scarce pilot-quick test check lint typecheck bench clean deploy-manifests
+.PHONY: bootstrap pilot pilot-scarce pilot-quick test check lint typecheck bench clean deploy-manifests images
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -36,6 +36,12 @@ lint: bootstrap
 
 typecheck: bootstrap
 	$(BIN)/mypy
+
+# Both images, built and run without a Docker engine (buildah, a Debian base from mmdebstrap, a
+# wheelhouse of the pinned versions): what CI tests in tests/images. docs/install.md, "Images".
+images: bootstrap
+	scripts/install-image-tools.sh
+	scripts/build-images.sh ci
 
 bench: bootstrap
 	$(BIN)/python bench/aggregation_memory.py

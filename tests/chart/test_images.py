@@ -39,9 +39,24 @@ class Stage:
         return [args for kw, args in self.instructions if kw == keyword]
 
 
+def global_args(path: Path) -> dict[str, str]:
+    """The ARGs declared before the first FROM, with their defaults (what FROM may use)."""
+    out = {}
+    for raw in re.sub(r"\\\n", " ", path.read_text()).splitlines():
+        line = raw.strip()
+        if line.upper().startswith("FROM "):
+            break
+        if line.upper().startswith("ARG "):
+            name, _, default = line[4:].strip().partition("=")
+            out[name] = default
+    return out
+
+
 def parse(path: Path) -> list[Stage]:
-    """Stages of a Dockerfile: FROM, then (keyword, arguments) with continuations joined."""
+    """Stages of a Dockerfile: FROM (with global ARG defaults substituted), then (keyword,
+    arguments) with continuations joined."""
     text = re.sub(r"\\\n", " ", path.read_text())
+    defaults = global_args(path)
     stages: list[Stage] = []
     for raw in text.splitlines():
         line = raw.strip()
@@ -50,9 +65,12 @@ def parse(path: Path) -> list[Stage]:
         keyword, _, args = line.partition(" ")
         keyword = keyword.upper()
         if keyword == "FROM":
+            args = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], args)
             match = re.fullmatch(r"(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?", args.strip(), re.IGNORECASE)
             assert match, f"{path}: cannot read FROM {args}"
             stages.append(Stage(base=match.group(1), alias=match.group(2)))
+        elif keyword == "ARG" and not stages:
+            continue  # a global ARG, read by global_args
         else:
             assert stages, f"{path}: {keyword} before FROM"
             stages[-1].instructions.append((keyword, " ".join(args.split())))
@@ -96,19 +114,36 @@ def test_build_tools_stay_in_the_build_stage(image: str) -> None:
 
 
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
-def test_python_dependencies_are_pinned_and_the_final_stage_downloads_nothing(image: str) -> None:
-    # Reproducible: the build stage resolves with the project's constraints file, and the final
-    # stage installs only the wheels built there (--no-index), so two builds install the same
-    # versions whatever PyPI holds that day.
+def test_python_packages_come_only_from_the_wheelhouse_at_the_constraints_versions(image: str) -> None:
+    # One source of truth: the image installs what requirements/constraints.txt pins (the
+    # wheelhouse scripts/build-images.sh makes from it), with the same file as constraints and
+    # no index, so a build cannot pick another version; the final stage installs nothing.
     stages = parse(DOCKERFILES[image])
-    resolving = [
-        r for s in stages[:-1] for r in s.all("RUN") if re.search(r"pip (wheel|install)", r) and "--no-deps" not in r
-    ]
-    assert resolving, "no build step resolves the dependencies"
-    assert all("-c requirements/constraints.txt" in r for r in resolving), resolving
-    for run in stages[-1].all("RUN"):
-        if re.search(r"\bpip install\b", run):
-            assert "--no-index" in run, f"final stage installs from the network: {run}"
+    installs = [r for s in stages for r in s.all("RUN") for part in r.split("&&") if re.search(r"\bpip install\b", part)]
+    assert installs, "no pip install"
+    copies = [c for s in stages for c in s.all("COPY")]
+    assert "requirements/constraints.txt /tmp/constraints.txt" in copies
+    for run in installs:
+        assert "--no-index" in run and "--find-links /tmp/wheels" in run and "-c /tmp/constraints.txt" in run, run
+        assert not re.search(r"[A-Za-z0-9_.-]+==\d", run), f"a version written in the Dockerfile: {run}"
+    assert not [r for r in stages[-1].all("RUN") if "pip install" in r], "the final stage installs packages"
+    assert "--from=install /opt/mfed /opt/mfed" in stages[-1].all("COPY"), "the final stage copies the venv"
+
+
+def test_the_torch_of_every_image_is_the_release_the_constraints_pin() -> None:
+    constraints = dict(
+        line.split("==", 1) for line in (REPO / "requirements" / "constraints.txt").read_text().split() if "==" in line
+    )
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert "torch==" + constraints["torch"] in extras["trainer"]  # pyproject's pin agrees
+    assert not any(d.startswith("torch") for d in extras["operator"] + PYPROJECT["project"]["dependencies"])
+    script = (REPO / "scripts" / "build-images.sh").read_text()
+    # The CPU wheelhouse resolves torch through the constraints; the CUDA one asks PyTorch's cu128
+    # index for the same release (its version read from the constraints file, not written twice).
+    assert "TORCH_VERSION=$(sed -n 's/^torch==\\(.*\\)$/\\1/p' requirements/constraints.txt)" in script
+    assert 'CUDA_INDEX=https://download.pytorch.org/whl/cu128' in script
+    assert '"torch==$TORCH_VERSION+cu128"' in script
+    assert "torch==" not in "".join(DOCKERFILES[i].read_text() for i in DOCKERFILES)
 
 
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))

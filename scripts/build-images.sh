@@ -6,6 +6,8 @@
 #   scripts/build-images.sh images [--torch cpu|cu128]       # needs only the wheelhouse: air-gapped OK
 #   scripts/build-images.sh ci                               # what CI runs: a local Debian base
 #                                                            # (mmdebstrap), the CPU wheelhouse, both images
+#   scripts/build-images.sh clean                            # remove the images and containers this made
+#                                                            # (the cache of base and wheels stays)
 #
 # Every Python package comes from requirements/constraints.txt at its pinned version; torch is the
 # CPU wheel for `cpu` and the CUDA 12.8 build of the same release for `cu128` (GPU image). The
@@ -23,7 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [ $# -ge 1 ] || usage
 command=$1; shift
 TORCH=cpu
@@ -142,5 +144,13 @@ case "$command" in
   wheelhouse) wheelhouse ;;
   images) images ;;
   ci) need buildah "apt-get install buildah (scripts/install-image-tools.sh)"; local_base; wheelhouse; images ;;
+  clean)
+    if command -v buildah >/dev/null 2>&1; then
+      buildah rm --all >/dev/null
+      for image in localhost/mfed-operator:$TAG localhost/mfed-trainer:$TAG localhost/mfed-trainer:$TAG-cuda12.8 localhost/mfed-base:bookworm; do
+        buildah rmi "$image" >/dev/null 2>&1 || true
+      done
+      buildah rmi --prune >/dev/null 2>&1 || true
+    fi ;;
   *) usage ;;
 esac

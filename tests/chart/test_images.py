@@ -119,7 +119,9 @@ def test_python_packages_come_only_from_the_wheelhouse_at_the_constraints_versio
     # wheelhouse scripts/build-images.sh makes from it), with the same file as constraints and
     # no index, so a build cannot pick another version; the final stage installs nothing.
     stages = parse(DOCKERFILES[image])
-    installs = [r for s in stages for r in s.all("RUN") for part in r.split("&&") if re.search(r"\bpip install\b", part)]
+    installs = [
+        r for s in stages for r in s.all("RUN") for part in r.split("&&") if re.search(r"\bpip install\b", part)
+    ]
     assert installs, "no pip install"
     copies = [c for s in stages for c in s.all("COPY")]
     assert "requirements/constraints.txt /tmp/constraints.txt" in copies
@@ -141,7 +143,7 @@ def test_the_torch_of_every_image_is_the_release_the_constraints_pin() -> None:
     # The CPU wheelhouse resolves torch through the constraints; the CUDA one asks PyTorch's cu128
     # index for the same release (its version read from the constraints file, not written twice).
     assert "TORCH_VERSION=$(sed -n 's/^torch==\\(.*\\)$/\\1/p' requirements/constraints.txt)" in script
-    assert 'CUDA_INDEX=https://download.pytorch.org/whl/cu128' in script
+    assert "CUDA_INDEX=https://download.pytorch.org/whl/cu128" in script
     assert '"torch==$TORCH_VERSION+cu128"' in script
     assert "torch==" not in "".join(DOCKERFILES[i].read_text() for i in DOCKERFILES)
 

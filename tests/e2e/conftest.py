@@ -16,6 +16,7 @@ import pytest
 
 from tests.e2e.oracle import Contribution, assert_models_equal, expected_global, tensors
 from tests.support import manifests as m
+from tests.support.images import Container
 from tests.support.kubeapi import KubeAPI, KubeClient
 from tests.support.kubelet import Kubelet
 from tests.support.operator import OperatorProcess, operator_env
@@ -135,13 +136,14 @@ def make_cluster(seaweed: SeaweedFS, tmp_path: Path) -> Iterator[Callable[..., C
     """Start the world for one test; operator settings can be overridden (MFED_OPERATOR_*=...)."""
     started: list[tuple[KubeAPI, Kubelet | None, OperatorProcess | None]] = []
 
-    def make(*, in_cluster: bool = False, **overrides: str) -> Cluster:
+    def make(*, in_cluster: bool = False, image: Container | None = None, **overrides: str) -> Cluster:
         """`in_cluster`: the API speaks https and the operator logs in from ServiceAccount files
-        (token, CA) and KUBERNETES_SERVICE_* as in a Pod, with no kubeconfig at all."""
+        (token, CA) and KUBERNETES_SERVICE_* as in a Pod, with no kubeconfig at all. `image`: the
+        kubelet runs every Job in this container of the built trainer image."""
         namespace = "mfed-demo"
         api = KubeAPI(make_server_certificate(tmp_path / "tls") if in_cluster else None).start()
         started.append((api, None, None))
-        kubelet = Kubelet(api.client(), tmp_path / "kubelet", extra_env={"OMP_NUM_THREADS": "1"}).start()
+        kubelet = Kubelet(api.client(), tmp_path / "kubelet", extra_env={"OMP_NUM_THREADS": "1"}, image=image).start()
         started[-1] = (api, kubelet, None)
         env = operator_env(api, tmp_path, MFED_OPERATOR_WATCH_NAMESPACES=namespace, **overrides)
         module = as_a_pod(api, tmp_path, env) if in_cluster else "mfed_operator.main"

@@ -4,6 +4,7 @@ trainer run by the test kubelet, and a real S3 server."""
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -12,6 +13,8 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import SERVICE_ACCOUNT_TOKEN, Cluster, check_global_model
+from tests.images.test_trainer_image import constraints
+from tests.support.images import TRAINER, container
 from tests.support.manifests import EXAMPLES, load_kustomization
 from tests.support.seaweed import ACCESS_KEY, SECRET_KEY
 
@@ -155,3 +158,28 @@ def test_the_federation_runs_with_the_operator_logged_in_as_a_pod(make_cluster: 
         f"bearer {SERVICE_ACCOUNT_TOKEN}",
     }
     assert not [r for r in cluster.api.requests() if r.token is None], "a request without a valid bearer token"
+
+
+def test_the_federation_runs_its_jobs_from_the_built_trainer_image(make_cluster: Callable[..., Cluster]) -> None:
+    """Every Job's container runs inside the image `make images` built (buildah run), not the test
+    venv: the image's entrypoint, Python, torch and demo data train a round the operator accepts."""
+    with container(TRAINER) as trainer:
+        cluster = make_cluster(image=trainer, MFED_OPERATOR_TRAINER_IMAGE=TRAINER)
+        objects = scaled_down_example(cluster)
+        for obj in objects:
+            if obj["kind"] == "FederationRound":
+                obj["spec"]["followUpRounds"] = 0
+        cluster.apply(*objects)
+        status = cluster.wait_phase("fashion-mnist", "Succeeded", "Failed", timeout=300)
+        assert status["phase"] == "Succeeded", status
+        check_global_model(cluster, status)
+        jobs = cluster.jobs()
+        assert {j["spec"]["template"]["spec"]["containers"][0]["image"] for j in jobs} == {TRAINER}
+        prefix = status["globalModel"]["uri"].rsplit("/", 1)[0]
+        probe = "import platform; print(platform.python_version())"
+        image_python = trainer.run(["python", "-c", probe]).stdout.strip()
+        for site in status["sites"]:
+            manifest = json.loads(cluster.s3_object(f"{prefix}/sites/{site['site']}/manifest.json"))
+            # trained by the image's torch (the constraints' CPU build), not the test venv's
+            assert manifest["trainer"]["torch"] == f"{constraints()['torch']}+cpu"
+            assert manifest["trainer"]["python"] == image_python  # Debian's 3.11.2 in CI, not the venv's

@@ -7,6 +7,11 @@ then `succeeded` + Complete, or `failed` + retries up to `backoffLimit`, honouri
 `podFailurePolicy` FailJob rule on exit codes and `activeDeadlineSeconds`. Suspended Jobs are
 left alone (as with Kueue before admission); deleted Jobs have their process killed.
 Volumes, resources and placement are not emulated.
+
+With `image` (a working container of the built trainer image, tests/support/images.py), each Job
+runs inside that image with `buildah run` instead of from the test venv: the Job's command and
+env only, as the image's user, with a scratch folder as HOME. The container's files are shared
+by the Jobs run in it (a node's image cache, not a fresh Pod filesystem each time).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from tests.support.images import ENV as IMAGE_ENV
+from tests.support.images import Container
 from tests.support.kubeapi import ApiError, KubeClient
 
 ExitHook = Callable[[dict[str, Any], int], None]
@@ -55,6 +62,7 @@ class Kubelet:
     retry_backoff_seconds: float = 0.5
     extra_env: Mapping[str, str] = field(default_factory=dict)
     on_exit: ExitHook | None = None  # called after a process exits, before the status is patched
+    image: Container | None = None  # run Jobs in this container of the built trainer image
     _runs: dict[str, _Run] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -117,7 +125,13 @@ class Kubelet:
     # ------------------------------------------------------------------ processes
     def _env(self, namespace: str, container: Mapping[str, Any]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MFED_", "AWS_"))}
-        env.update(self.extra_env)
+        env.update(self._job_env(namespace, container))
+        env["HOME"] = env["TMPDIR"] = str(self.workdir)
+        return env
+
+    def _job_env(self, namespace: str, container: Mapping[str, Any]) -> dict[str, str]:
+        """The container's env as the kubelet resolves it (plus the test's extra_env)."""
+        env = dict(self.extra_env)
         for var in container.get("env") or []:
             if "value" in var:
                 env[var["name"]] = str(var["value"])
@@ -130,7 +144,6 @@ class Kubelet:
                 ref = source["configMapKeyRef"]
                 cm = self.client.get("v1", "configmaps", namespace, ref["name"]) or {}
                 env[var["name"]] = str((cm.get("data") or {})[ref["key"]])
-        env["HOME"] = env["TMPDIR"] = str(self.workdir)
         return env
 
     def _start(self, job: Mapping[str, Any], previous: _Run | None) -> _Run:
@@ -138,15 +151,23 @@ class Kubelet:
         namespace, name = meta["namespace"], meta["name"]
         container = job["spec"]["template"]["spec"]["containers"][0]
         argv = list(container.get("command") or []) + list(container.get("args") or [])
-        bindir = os.path.dirname(sys.executable)
-        resolved = shutil.which(argv[0], path=bindir + os.pathsep + os.environ.get("PATH", ""))
-        if resolved is None:
-            raise RuntimeError(f"command {argv[0]!r} of Job {name} not found")
         log = self.workdir / f"{namespace}_{name}.log"
+        if self.image is not None:
+            scratch = self.workdir / f"{namespace}_{name}.home"
+            scratch.mkdir(exist_ok=True)
+            scratch.chmod(0o777)  # the image's user (uid 10001) writes there
+            env = {**self._job_env(namespace, container), "HOME": "/scratch", "TMPDIR": "/scratch"}
+            command, process_env = self.image.command(argv, env, volumes=[f"{scratch}:/scratch"]), IMAGE_ENV
+        else:
+            bindir = os.path.dirname(sys.executable)
+            resolved = shutil.which(argv[0], path=bindir + os.pathsep + os.environ.get("PATH", ""))
+            if resolved is None:
+                raise RuntimeError(f"command {argv[0]!r} of Job {name} not found")
+            command, process_env = [resolved, *argv[1:]], self._env(namespace, container)
         handle = log.open("ab")
         process = subprocess.Popen(
-            [resolved, *argv[1:]],
-            env=self._env(namespace, container),
+            command,
+            env=process_env,
             stdout=handle,
             stderr=subprocess.STDOUT,
             cwd=self.workdir,

@@ -100,7 +100,7 @@ local_base() {  # a Debian 12 base image from the Debian archive, as localhost/m
   if [ ! -f "$tarball" ]; then
     echo "build-images: making a Debian bookworm base with mmdebstrap (once)"
     # No docs, man pages or locales: they only make the images larger.
-    mmdebstrap --quiet --variant=minbase --include="$packages" \
+    mmdebstrap --quiet --format=tar --variant=minbase --include="$packages" \
       --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
       --dpkgopt='path-exclude=/usr/share/locale/*' bookworm "$tarball.partial"
     mv "$tarball.partial" "$tarball"

@@ -1,8 +1,10 @@
-"""The `mfed` command. `mfed pilot` runs a whole federation locally (see `mfed pilot --help`)."""
+"""The `mfed` command: `mfed pilot` runs a whole federation locally (see `mfed pilot --help`);
+`mfed import-weights` and `mfed export` move models in and out of a federation (mfed.weights)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -12,7 +14,8 @@ from typing import Any
 from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
 from mfed.methods import Method
 from mfed.pilot.config import ALL_METHODS, QUICK, SCENARIOS, PilotConfig, PilotConfigError
-from mfed.spec import Regularizer, SharingPolicy, SiteStrategy, SpecError
+from mfed.spec import ArchSpec, Regularizer, SharingPolicy, SiteStrategy, SpecError, TaskSpec
+from mfed.weights.cli import add_weight_commands
 
 
 def _task_samples(text: str) -> dict[str, int]:
@@ -23,6 +26,28 @@ def _task_samples(text: str) -> dict[str, int]:
             raise argparse.ArgumentTypeError(f"{item!r}: use TASK=N, e.g. cls10=50,coarse4=50")
         out[task.strip()] = int(count)
     return out
+
+
+def _arch(text: str) -> ArchSpec:
+    """`NAME` or `NAME:{json params}`, e.g. `patch_net:{"width": 32}`."""
+    name, sep, params = text.partition(":")
+    if not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: use NAME or NAME:{{json params}}")
+    try:
+        parsed = json.loads(params) if sep else {}
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: the parameters are not JSON ({exc})") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: the parameters must be a JSON object")
+    return ArchSpec(name=name.strip(), params=parsed)
+
+
+def _named_arch(text: str) -> tuple[str, ArchSpec]:
+    """`TASK=NAME[:{json params}]`."""
+    task, sep, arch = text.partition("=")
+    if not sep or not task.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: use TASK=NAME or TASK=NAME:{{json params}}")
+    return task.strip(), _arch(arch)
 
 
 def _pilot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -43,6 +68,27 @@ def _pilot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "50 labelled images for cls10/coarse4 beside 3000 for rot4/denoise",
     )
     p.add_argument("--quick", action="store_true", help="a tiny run for smoke tests (2 rounds, 1 site per task)")
+    p.add_argument(
+        "--encoder",
+        type=_arch,
+        help="the encoder, built in or a plugin: NAME or NAME:{json params} (default small_cnn; docs/plugins.md)",
+    )
+    p.add_argument("--tasks", help="comma-separated task groups (default cls10,coarse4,denoise,rot4)")
+    p.add_argument(
+        "--task",
+        type=_named_arch,
+        action="append",
+        default=[],
+        help='define a task group: NAME=TYPE or NAME=TYPE:{json params}, e.g. inset=membership:{"positives":[5,7,9]} '
+        "(repeatable; list it in --tasks)",
+    )
+    p.add_argument(
+        "--decoder",
+        type=_named_arch,
+        action="append",
+        default=[],
+        help="a task group's decoder: TASK=NAME or TASK=NAME:{json params} (repeatable)",
+    )
     p.add_argument("--rounds", type=int, help="federated rounds (default 30)")
     p.add_argument("--sites-per-task", type=int, help="sites per task (default 2)")
     p.add_argument("--samples-per-site", type=int, help="images per site, validation split included (default 300)")
@@ -140,6 +186,16 @@ def config_from_args(args: argparse.Namespace) -> PilotConfig:
     ):
         if value is not None:
             overrides[field_name] = value
+    if args.encoder is not None:
+        overrides["encoder"] = args.encoder
+    if args.tasks:
+        overrides["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    if args.task:
+        overrides["custom_tasks"] = {
+            name: TaskSpec(name=name, type=arch.name, params=dict(arch.params)) for name, arch in args.task
+        }
+    if args.decoder:
+        overrides["decoders"] = dict(args.decoder)
     if args.task_samples:
         overrides["task_samples"] = {**base.task_samples, **args.task_samples}
     elif args.samples_per_site is not None:
@@ -171,14 +227,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mfed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _pilot_parser(sub)
+    add_weight_commands(sub)
     args = parser.parse_args(argv)
+    if args.command != "pilot":
+        return int(args.run(args))
     try:
         config = config_from_args(args)
     except (PilotConfigError, SpecError, ValueError) as exc:
         parser.error(str(exc))
     from mfed.pilot import run_pilot
+    from mfed.rounds.site_round import INPUT_ERRORS, BadInput
 
-    results = run_pilot(config, args.out, show_progress=not args.no_progress)
+    try:
+        results = run_pilot(config, args.out, show_progress=not args.no_progress)
+    except (*INPUT_ERRORS, BadInput) as exc:  # a plugin, architecture or task that does not fit
+        print(f"mfed pilot: error: {exc}", file=sys.stderr)
+        return 2
     print()
     print(results["table"])
     print(f"\nresults: {args.out / 'results.json'}   plot: {args.out / 'metrics.png'}   ({results['seconds']:.0f} s)")

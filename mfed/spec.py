@@ -77,9 +77,10 @@ class SharingMode(StrEnum):
 class SharingPolicy:
     """Which encoder parameters are averaged ACROSS task groups (the rest stay per task).
 
-    Encoders name their blocks `encoder.stages.<i>.` from the input up, so `depth: 2` shares the
-    two lowest stages. MFED.md measured that sharing only lower layers avoids most of the
-    negative transfer that sharing everything causes.
+    The built-in encoders name their blocks `encoder.stages.<i>.` from the input up, so `depth: 2`
+    shares the two lowest stages; `prefixes` works on any encoder's parameter names. MFED.md
+    measured that sharing only lower layers avoids most of the negative transfer that sharing
+    everything causes.
     """
 
     mode: SharingMode = SharingMode.ALL

@@ -283,6 +283,7 @@ def build_global_manifest(
             Contributor(site=m.site, task=m.task, samples=m.samples, delta_sha256=m.delta.sha256) for m in accepted
         ),
         rejected=tuple(sorted(rejected, key=lambda r: r.site)),
+        plugins=base.plugins,
         aggregation={
             **settings.to_dict(),
             **(evidence or {}),

@@ -223,6 +223,9 @@ class GlobalManifest:
     contributors: tuple[Contributor, ...] = ()
     rejected: tuple[Rejection, ...] = ()
     aggregation: Mapping[str, Any] = field(default_factory=dict)
+    # `kind/name` -> `distribution==version` of each plugin the model's architecture comes from
+    # (mfed.registry), carried from round to round: a site without one is told what to install.
+    plugins: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def digest(self) -> str:
@@ -245,6 +248,8 @@ class GlobalManifest:
             "rejected": [asdict(r) for r in self.rejected],
             "aggregation": dict(self.aggregation),
         }
+        if self.plugins:  # only when used, so models of built-in architectures keep their bytes
+            body["plugins"] = dict(sorted(self.plugins.items()))
         return json.dumps(body, indent=2, sort_keys=True)
 
     @classmethod
@@ -288,6 +293,7 @@ class GlobalManifest:
             contributors=tuple(contributors),
             rejected=tuple(rejected),
             aggregation=f.mapping("aggregation"),
+            plugins={str(k): str(v) for k, v in f.mapping("plugins").items()},
         )
 
 

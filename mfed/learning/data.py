@@ -1,5 +1,9 @@
 """A site's private data: the built-in Fashion-MNIST demo shards, or the site's own `.npz`.
 
+Inputs are images (N, H, W) / (N, H, W, C) / (N, C, H, W), or one feature vector per example
+(N, F: tabular rows, flattened sensor windows); the encoder declares which shape it consumes
+and `check_inputs` compares the two before training.
+
 Fashion-MNIST is read from the IDX files of Debian's `dataset-fashion-mnist` package with
 numpy (no torchvision, no download). Shards are disjoint slices of one seeded permutation, so
 two sites with different shard indices never see the same image. Each site's training shard
@@ -38,7 +42,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Split:
-    x: np.ndarray  # float32 images in [0, 1], shape (N, C, H, W)
+    x: np.ndarray  # float32 inputs: images in [0, 1] (N, C, H, W), or feature rows (N, F)
     y: np.ndarray  # labels (int64) or targets (float32), shape (N,)
 
     def __len__(self) -> int:
@@ -93,14 +97,24 @@ def load_fashion_mnist(directory: str, split: str) -> tuple[np.ndarray, np.ndarr
 
 
 def as_images(x: np.ndarray, where: str) -> np.ndarray:
-    """Accept (N,H,W), (N,H,W,C) or (N,C,H,W), uint8 or float; return float32 (N,C,H,W)."""
+    """Accept images (N,H,W), (N,H,W,C) or (N,C,H,W), uint8 or float, and return float32
+    (N,C,H,W); or feature rows (N,F) of numbers, returned as float32 (N,F) unscaled."""
+    if x.ndim == 2:
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise DataError(f"{where}: feature rows must be numbers, got {x.dtype}")
+        rows = x.astype(np.float32)
+        if not np.isfinite(rows).all():
+            raise DataError(f"{where}: features contain NaN or infinite values")
+        return rows
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4:
         if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
             x = np.transpose(x, (0, 3, 1, 2))
     else:
-        raise DataError(f"{where}: images must have 3 or 4 dimensions, got shape {x.shape}")
+        raise DataError(
+            f"{where}: inputs must be images with 3 or 4 dimensions or feature rows (N, F), got shape {x.shape}"
+        )
     if x.dtype == np.uint8:
         return x.astype(np.float32) / 255.0
     if not np.issubdtype(x.dtype, np.floating):
@@ -172,3 +186,17 @@ def load_site_data(spec: DataSpec, *, val_fraction: float, split_seed: int, read
             test = Split(as_images(tx, "data.testUri"), ty)
     train, val = split_train_val(x, y, val_fraction, split_seed)
     return SiteData(train=train, val=val, test=test)
+
+
+def check_inputs(data: SiteData, expected_shape: tuple[int, ...], expected_dtype: str, encoder: str) -> None:
+    """Every split's examples have the shape and dtype the encoder declares (its input_spec)."""
+    for name, split in (("train", data.train), ("validation", data.val), ("test", data.test)):
+        if split is None:
+            continue
+        shape, dtype = tuple(int(d) for d in split.x.shape[1:]), str(split.x.dtype)
+        if shape != tuple(expected_shape) or dtype != expected_dtype:
+            raise DataError(
+                f"the site's {name} inputs are {dtype} of shape {shape} per example, but encoder {encoder!r} "
+                f"consumes {expected_dtype} of shape {tuple(expected_shape)}: fix the data, or the encoder's "
+                "parameters that set its input shape (spec.encoder.params)"
+            )

@@ -2,6 +2,9 @@
 
 Parameters are named `encoder.*` and `decoder.*`, which is what ownership rules and artifact
 files use. Conversions to and from numpy live here so the rest of the system never sees torch.
+Every part is built by registered name (mfed.registry), so plugins build exactly like built-ins:
+the encoder first, the task from the encoder's declared input, the decoder from the encoder's
+declared features and the task's output.
 """
 
 from __future__ import annotations
@@ -14,16 +17,22 @@ from torch import nn
 
 from mfed.artifacts.signature import Signature
 from mfed.learning.decoders import build_decoder
-from mfed.learning.encoders import Encoder, build_encoder
+from mfed.learning.encoders import build_encoder, feature_spec_of, input_spec_of
+from mfed.learning.shapes import InputSpec
 from mfed.learning.tasks import Task, build_task
 from mfed.spec import ArchSpec, TaskSpec
 
 
 class SiteModel(nn.Module):
-    def __init__(self, encoder: Encoder, decoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """The shape of one input example, as the encoder declares it."""
+        return input_spec_of(self.encoder)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features: torch.Tensor = self.encoder(x)
@@ -33,8 +42,8 @@ class SiteModel(nn.Module):
 
 def build_site_model(encoder_spec: ArchSpec, task_spec: TaskSpec, decoder_spec: ArchSpec) -> tuple[SiteModel, Task]:
     encoder = build_encoder(encoder_spec)
-    task = build_task(task_spec.type, task_spec.params, encoder.input_shape)
-    decoder = build_decoder(decoder_spec, encoder.feature_dim, task.output)
+    task = build_task(task_spec.type, task_spec.params, input_spec_of(encoder))
+    decoder = build_decoder(decoder_spec, feature_spec_of(encoder), task.output)
     return SiteModel(encoder, decoder), task
 
 

@@ -2,27 +2,27 @@
 
 Built-in types: classification, label_map (classification through a label map, e.g. coarse4),
 denoise / reconstruction (PSNR), rotation (self-supervised, accuracy) and regression (MAE).
-Users add their own without editing this package, through the `mfed.tasks` entry point group:
+Users add their own without editing this package, through the `mfed.tasks` entry point group
+(mfed.registry; the contract is in docs/plugins.md):
 
     [project.entry-points."mfed.tasks"]
-    my_task = "my_package.tasks:MyTask"     # a Task subclass taking (params, input_shape)
+    my_task = "my_package.tasks:MyTask"     # a Task subclass taking (params, input_spec)
+
+A task is bound to the encoder's declared `InputSpec` (the shape of one example), not to images:
+only rotation needs square images, and denoising outputs whatever shape its inputs have.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
-from functools import lru_cache
-from importlib.metadata import entry_points
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from mfed.learning.decoders import ImageOutput, Output, VectorOutput
-from mfed.learning.encoders import ImageShape
-
-ENTRY_POINT_GROUP = "mfed.tasks"
+from mfed import registry
+from mfed.learning.shapes import DenseOutput, InputSpec, Output, VectorOutput
 
 
 class TaskError(ValueError):
@@ -30,7 +30,7 @@ class TaskError(ValueError):
 
 
 class Task(ABC):
-    """A task bound to its parameters and the input image shape."""
+    """A task bound to its parameters and the shape of one input example (`input_spec`)."""
 
     metric_name: str = "metric"
     higher_is_better: bool = True
@@ -38,7 +38,7 @@ class Task(ABC):
     needs_labels: bool = True
     allowed_params: Mapping[str, Any] = {}
 
-    def __init__(self, params: Mapping[str, Any], input_shape: ImageShape) -> None:
+    def __init__(self, params: Mapping[str, Any], input_spec: InputSpec) -> None:
         unknown = sorted(set(params) - set(self.allowed_params))
         if unknown:
             raise TaskError(
@@ -46,7 +46,7 @@ class Task(ABC):
                 f"allowed: {', '.join(sorted(self.allowed_params)) or 'none'}"
             )
         self.params = {**self.allowed_params, **params}
-        self.input_shape = input_shape
+        self.input_spec = input_spec
 
     @property
     @abstractmethod
@@ -82,8 +82,8 @@ class Classification(Task):
     metric_name = "accuracy"
     allowed_params: Mapping[str, Any] = {"num_classes": 10}
 
-    def __init__(self, params: Mapping[str, Any], input_shape: ImageShape) -> None:
-        super().__init__(params, input_shape)
+    def __init__(self, params: Mapping[str, Any], input_spec: InputSpec) -> None:
+        super().__init__(params, input_spec)
         classes = self.params["num_classes"]
         if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
             raise TaskError(f"num_classes must be an integer >= 2, got {classes!r}")
@@ -124,7 +124,7 @@ class LabelMap(Classification):
 
     allowed_params: Mapping[str, Any] = {"label_map": None}
 
-    def __init__(self, params: Mapping[str, Any], input_shape: ImageShape) -> None:
+    def __init__(self, params: Mapping[str, Any], input_spec: InputSpec) -> None:
         label_map = params.get("label_map")
         if (
             not isinstance(label_map, list)
@@ -132,7 +132,7 @@ class LabelMap(Classification):
             or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in label_map)
         ):
             raise TaskError("label_map must be a non-empty list of class indices (e.g. [0,1,0,0,0,2,0,2,3,2])")
-        Task.__init__(self, params, input_shape)
+        Task.__init__(self, params, input_spec)
         self.num_classes = max(label_map) + 1
         if self.num_classes < 2:
             raise TaskError("label_map must map to at least 2 classes")
@@ -151,10 +151,11 @@ class Rotation(Classification):
     allowed_params: Mapping[str, Any] = {}
     needs_labels = False
 
-    def __init__(self, params: Mapping[str, Any], input_shape: ImageShape) -> None:
-        Task.__init__(self, params, input_shape)
-        if input_shape.height != input_shape.width:
-            raise TaskError("rotation needs square images")
+    def __init__(self, params: Mapping[str, Any], input_spec: InputSpec) -> None:
+        Task.__init__(self, params, input_spec)
+        shape = input_spec.shape
+        if len(shape) != 3 or shape[1] != shape[2]:
+            raise TaskError(f"rotation needs square images (channels, height, width); the inputs are {shape}")
         self.num_classes = 4
 
     @staticmethod
@@ -185,8 +186,8 @@ class Denoise(Task):
     needs_labels = False
     allowed_params: Mapping[str, Any] = {"sigma": 0.5}
 
-    def __init__(self, params: Mapping[str, Any], input_shape: ImageShape) -> None:
-        super().__init__(params, input_shape)
+    def __init__(self, params: Mapping[str, Any], input_spec: InputSpec) -> None:
+        super().__init__(params, input_spec)
         sigma = self.params["sigma"]
         if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not 0 <= sigma < 10:
             raise TaskError(f"sigma must be a number in [0, 10), got {sigma!r}")
@@ -194,7 +195,7 @@ class Denoise(Task):
 
     @property
     def output(self) -> Output:
-        return ImageOutput(self.input_shape)
+        return DenseOutput(self.input_spec.shape)
 
     def _noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return torch.randn(x.shape, generator=generator).to(x.device) * self.sigma
@@ -226,8 +227,8 @@ class Regression(Task):
     higher_is_better = False
     allowed_params: Mapping[str, Any] = {"target": "y", "scale": 1.0}
 
-    def __init__(self, params: Mapping[str, Any], input_shape: ImageShape) -> None:
-        super().__init__(params, input_shape)
+    def __init__(self, params: Mapping[str, Any], input_spec: InputSpec) -> None:
+        super().__init__(params, input_spec)
         if self.params["target"] not in ("y", "mean_intensity"):
             raise TaskError("regression target must be 'y' or 'mean_intensity'")
         self.scale = float(self.params["scale"])
@@ -256,32 +257,16 @@ class Regression(Task):
         return (prediction.float().squeeze(1) - target).abs().sum()
 
 
-BUILTIN_TASKS: dict[str, Callable[[Mapping[str, Any], ImageShape], Task]] = {
-    "classification": Classification,
-    "label_map": LabelMap,
-    "rotation": Rotation,
-    "denoise": Denoise,
-    "reconstruction": Reconstruction,
-    "regression": Regression,
-}
-
-
-@lru_cache(maxsize=1)
-def task_types() -> dict[str, Callable[[Mapping[str, Any], ImageShape], Task]]:
-    """Built-in task types plus those registered under the `mfed.tasks` entry point group."""
-    found = dict(BUILTIN_TASKS)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in BUILTIN_TASKS:
-            raise TaskError(f"entry point {ep.value!r} may not replace the built-in task type {ep.name!r}")
-        found[ep.name] = ep.load()
-    return found
-
-
-def build_task(type_name: str, params: Mapping[str, Any], input_shape: ImageShape) -> Task:
-    types = task_types()
-    if type_name not in types:
-        raise TaskError(f"unknown task type {type_name!r}; available: {', '.join(sorted(types))}")
-    task = types[type_name](params, input_shape)
+def build_task(type_name: str, params: Mapping[str, Any], input_spec: InputSpec) -> Task:
+    """The registered task type `type_name` (built in or from the `mfed.tasks` group)."""
+    what = f"task type {type_name!r}"
+    factory = registry.load("task", type_name)
+    try:
+        task = factory(dict(params), input_spec)
+    except (TaskError, registry.PluginError):
+        raise
+    except Exception as exc:  # a plugin's own error: bad input, like ours
+        raise TaskError(f"{what} could not be built: {type(exc).__name__}: {exc}") from exc
     if not isinstance(task, Task):
-        raise TaskError(f"task type {type_name!r} did not produce a mfed.learning.tasks.Task")
+        raise TaskError(f"{what} did not produce a mfed.learning.tasks.Task (got {type(task).__name__})")
     return task

@@ -14,9 +14,8 @@ def run_pilot(config: PilotConfig, out_dir: Path, *, show_progress: bool = True)
     import torch
     from tqdm import tqdm
 
-    from mfed.learning.encoders import build_encoder
+    from mfed.learning.encoders import build_encoder, input_spec_of
     from mfed.learning.tasks import build_task
-    from mfed.pilot.config import PILOT_TASKS
     from mfed.pilot.report import format_table, plot, summarize, write_results
     from mfed.pilot.runner import (
         higher_is_better,
@@ -28,10 +27,9 @@ def run_pilot(config: PilotConfig, out_dir: Path, *, show_progress: bool = True)
     # Deterministic kernels: the same seed gives the same numbers on the same machine.
     torch.use_deterministic_algorithms(True, warn_only=True)
     directions = higher_is_better(config)
-    shape = build_encoder(config.encoder).input_shape
-    metric_names = {
-        t: build_task(PILOT_TASKS[t][0].type, PILOT_TASKS[t][0].params, shape).metric_name for t in config.tasks
-    }
+    shape = input_spec_of(build_encoder(config.encoder))
+    tasks = {t: config.task_definition(t)[0] for t in config.tasks}
+    metric_names = {t: build_task(spec.type, spec.params, shape).metric_name for t, spec in tasks.items()}
     started = time.perf_counter()
     runs = []
     with tqdm(total=total_site_rounds(config), unit="site-round", disable=not show_progress, dynamic_ncols=True) as bar:

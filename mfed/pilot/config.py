@@ -66,15 +66,22 @@ class PilotConfig:
     device: str = "auto"
     delta_dtype: str = "float32"  # what sites upload: float32, float16 or bfloat16 deltas
     encoder: ArchSpec = ArchSpec(name="small_cnn")
+    # Tasks of your own beside (or instead of) the four above, e.g. a plugin's task type, and
+    # decoders other than a task's default (`mlp` for custom tasks); Fashion-MNIST data either way.
+    custom_tasks: Mapping[str, TaskSpec] = field(default_factory=dict)
+    decoders: Mapping[str, ArchSpec] = field(default_factory=dict)
     scenario: str = "equal"
 
     def __post_init__(self) -> None:
         for name in ("rounds", "sites_per_task", "samples_per_site", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise PilotConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        unknown = [t for t in self.tasks if t not in PILOT_TASKS]
+        known = [*PILOT_TASKS, *self.custom_tasks]
+        unknown = [t for t in [*self.tasks, *self.decoders] if t not in known]
         if unknown:
-            raise PilotConfigError(f"unknown pilot task {unknown[0]!r}; choose from {', '.join(PILOT_TASKS)}")
+            raise PilotConfigError(
+                f"unknown pilot task {unknown[0]!r}; choose from {', '.join(known)} or define it with --task"
+            )
         unknown = [t for t in self.task_samples if t not in self.tasks]
         if unknown:
             raise PilotConfigError(f"--task-samples names {unknown[0]!r}, which is not a pilot task")
@@ -92,6 +99,12 @@ class PilotConfig:
             raise PilotConfigError("--min-steps must be 0 or more")
         if self.shared_steps is not None and self.shared_steps < 1:
             raise PilotConfigError("--shared-steps must be at least 1")
+
+    def task_definition(self, task: str) -> tuple[TaskSpec, ArchSpec]:
+        """The task group `task` (a built-in pilot task or a custom one) and its decoder."""
+        spec = self.custom_tasks.get(task) or PILOT_TASKS[task][0]
+        default = PILOT_TASKS[task][1] if task in PILOT_TASKS else ArchSpec(name="mlp")
+        return spec, self.decoders.get(task, default)
 
     def samples_for(self, task: str) -> int:
         return self.task_samples.get(task, self.samples_per_site)
@@ -129,6 +142,15 @@ class PilotConfig:
             "device": self.device,
             "delta_dtype": self.delta_dtype,
             "encoder": {"name": self.encoder.name, "params": dict(self.encoder.params)},
+            "task_definitions": {
+                t: {
+                    "type": spec.type,
+                    "params": dict(spec.params),
+                    "decoder": {"name": decoder.name, "params": dict(decoder.params)},
+                }
+                for t in self.tasks
+                for spec, decoder in [self.task_definition(t)]
+            },
         }
 
 

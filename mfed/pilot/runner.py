@@ -22,12 +22,12 @@ from mfed.aggregation.fedavg import ContributionSource, aggregate
 from mfed.artifacts.layout import DECODER_FILE, MANIFEST_FILE, global_prefix, join, round_prefix, site_prefix
 from mfed.artifacts.manifest import ContributionManifest
 from mfed.learning.data import SiteData
-from mfed.learning.encoders import build_encoder
+from mfed.learning.encoders import build_encoder, input_spec_of
 from mfed.learning.tasks import build_task
 from mfed.learning.train import planned_steps, shared_track_steps
 from mfed.methods import Method, MethodPlan, plan_method
 from mfed.model_store import read_global_model, write_global_model
-from mfed.pilot.config import PILOT_TASKS, PilotConfig
+from mfed.pilot.config import PilotConfig
 from mfed.rounds.initial import init_global_model
 from mfed.rounds.site_round import evaluate_start, load_site_splits, run_site_round
 from mfed.seeding import derive_seed
@@ -88,7 +88,7 @@ def pilot_sites(config: PilotConfig, seed: int) -> list[PilotSite]:
     shard_size = FASHION_MNIST_TRAIN // shard_count
     sites = []
     for t, task_name in enumerate(config.tasks):
-        task, decoder = PILOT_TASKS[task_name]
+        task, decoder = config.task_definition(task_name)
         samples = config.samples_for(task_name)
         if samples > shard_size:
             raise ValueError(
@@ -403,10 +403,9 @@ def site_data(config: PilotConfig, seed: int) -> dict[str, SiteData]:
 
 
 def higher_is_better(config: PilotConfig) -> dict[str, bool]:
-    shape = build_encoder(config.encoder).input_shape
-    return {
-        t: build_task(PILOT_TASKS[t][0].type, PILOT_TASKS[t][0].params, shape).higher_is_better for t in config.tasks
-    }
+    shape = input_spec_of(build_encoder(config.encoder))
+    tasks = {t: config.task_definition(t)[0] for t in config.tasks}
+    return {t: build_task(spec.type, spec.params, shape).higher_is_better for t, spec in tasks.items()}
 
 
 def total_site_rounds(config: PilotConfig) -> int:

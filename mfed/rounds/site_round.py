@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import mfed
+from mfed import registry
 from mfed.aggregation.ownership import SHARED_TRACK
 from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, MANIFEST_FILE, join
 from mfed.artifacts.manifest import (
@@ -33,10 +34,11 @@ from mfed.artifacts.tensorfile import (
     encode_tensors,
     sha256_hex,
 )
-from mfed.learning.data import DataError, SiteData, load_site_data
+from mfed.learning.data import DataError, SiteData, check_inputs, load_site_data
 from mfed.learning.encoders import ArchError
 from mfed.learning.model import SiteModel, build_site_model, load_part, part_state, signature
 from mfed.learning.protection import prefers_shared
+from mfed.learning.shapes import ShapeError
 from mfed.learning.tasks import TaskError
 from mfed.learning.train import (
     Objective,
@@ -70,6 +72,8 @@ INPUT_ERRORS = (
     TensorFileError,
     StartError,
     GlobalModelError,
+    registry.PluginError,
+    ShapeError,
 )
 
 
@@ -164,10 +168,24 @@ def _prepare(spec: RoundSpec, storage: Storage, data: SiteData | None) -> StartS
             f"(tasks: {', '.join(sorted(global_manifest.tasks))})"
         )
     _check_task_matches(spec, info)
-    model, task = build_site_model(spec.encoder, spec.task, spec.decoder)
+    try:
+        model, task = build_site_model(spec.encoder, spec.task, spec.decoder)
+    except registry.UnknownPlugin as exc:
+        raise BadInput(f"{exc}{_install_hint(global_manifest.plugins)}") from exc
+    if data is not None:
+        check_inputs(data, model.input_spec.shape, model.input_spec.dtype, spec.encoder.name)
     global_manifest.encoder_signature.require_equal(signature(model, "encoder"), "encoder")
     info.decoder_signature.require_equal(signature(model, "decoder"), "decoder")
     return assemble_start(spec, storage, data, global_manifest, info, global_tensors, model, task)
+
+
+def _install_hint(plugins: Mapping[str, str]) -> str:
+    """Which packages the federation's model was built with (its manifest records them)."""
+    if not plugins:
+        return ""
+    listed = ", ".join(f"{key} from {package}" for key, package in sorted(plugins.items()))
+    packages = " ".join(sorted(set(plugins.values())))
+    return f". The federation's model was built with {listed}: pip install {packages} into the trainer image"
 
 
 def evaluate_start(
@@ -301,6 +319,9 @@ def _run(
             "metric": task.metric_name,
             "higherIsBetter": str(task.higher_is_better).lower(),
             "decoderStart": state.decoder_origin,
+            # What `mfed export` needs to rebuild the model this site deploys after the round.
+            "decoderSource": spec.training.decoder_source.value,
+            "siteStrategy": spec.training.site_strategy.value,
         },
     )
     storage.write(join(spec.output, DELTA_FILE), delta_bytes)

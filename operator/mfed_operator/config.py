@@ -10,6 +10,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
+from mfed.registry import PluginError, parse_declared
+
 PREFIX = "MFED_OPERATOR_"
 
 
@@ -55,6 +57,9 @@ class OperatorConfig:
     kubeconfig: str | None = None  # only outside a cluster (tests, local runs)
     log_format: str = "plain"  # plain or json
     log_level: str = "INFO"
+    # Plugin names (`kind:name`, e.g. encoder:patch_net) the trainer image has but this image does
+    # not: the operator accepts them in rounds without their entry-point metadata (docs/plugins.md).
+    plugins: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -94,7 +99,12 @@ class OperatorConfig:
             kubeconfig=r.opt_text("KUBECONFIG"),
             log_format=r.choice("LOG_FORMAT", cls.log_format, ("plain", "json")),
             log_level=r.choice("LOG_LEVEL", cls.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
+            plugins=r.csv("PLUGINS"),
         )
+        try:
+            parse_declared(config.plugins)
+        except PluginError as exc:
+            raise ConfigError(f"{PREFIX}PLUGINS: {exc}") from None
         if config.storage_retry_max_seconds < config.storage_retry_base_seconds:
             raise ConfigError(f"{PREFIX}STORAGE_RETRY_MAX_SECONDS must be at least STORAGE_RETRY_BASE_SECONDS")
         if not config.health_path.startswith("/"):

@@ -15,6 +15,7 @@ from typing import Any
 
 import kopf
 
+from mfed.registry import Catalog, builtin_catalog, discover_catalog, parse_declared
 from mfed_operator.adapters.kube import Kube
 from mfed_operator.config import OperatorConfig
 from mfed_operator.domain.actions import CreateJob, CreateRound
@@ -52,6 +53,9 @@ class Runtime:
     """Process-wide collaborators, created at startup; kopf passes them around in `memo`."""
 
     config: OperatorConfig
+    # Plugin names from the installed distributions' entry-point metadata plus the declared ones
+    # (MFED_OPERATOR_PLUGINS): read once, never imported (the operator image has no torch).
+    plugins: Catalog = field(default_factory=builtin_catalog)
     metrics: Metrics = field(default_factory=Metrics)
     kube: Kube | None = None
     executor: Executor | None = None
@@ -139,7 +143,11 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         settings.watching.client_timeout = 660
         # Handlers give up after their own retries (kopf's default is to retry forever).
         settings.execution.max_workers = config.worker_threads
-        runtime = Runtime(config=config)
+        runtime = Runtime(config=config, plugins=discover_catalog(parse_declared(config.plugins)))
+        for kind, listing in sorted(runtime.plugins.listings.items()):
+            extra = sorted(n for n, e in listing.entries.items() if not e.builtin)
+            if extra or listing.conflicts:
+                log.info("%s plugins: %s; name conflicts: %s", kind, ", ".join(extra), sorted(listing.conflicts))
         runtime.metrics.serve(config.metrics_port, config.metrics_host)
         runtime.executor = Executor(config, runtime.metrics, runtime.require_kube)
         memo.runtime = runtime
@@ -268,7 +276,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
             now = _now()
             generation = int(meta.get("generation") or 0)
             before = RoundStatus.parse(status)
-            desired = _desired(body, spec, sitetasks_by_federation, config)
+            desired = _desired(body, spec, sitetasks_by_federation, config, runtime.plugins)
             observed = await _observed(
                 desired,
                 before,
@@ -303,7 +311,11 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
 
 
 def _desired(
-    body: Mapping[str, Any], spec: Mapping[str, Any], sitetasks: kopf.Index[Any, Any], config: OperatorConfig
+    body: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    sitetasks: kopf.Index[Any, Any],
+    config: OperatorConfig,
+    plugins: Catalog,
 ) -> Desired:
     try:
         r = parse_round(body)
@@ -312,7 +324,7 @@ def _desired(
         return Desired(round=None, spec_error=str(exc), raw_spec=dict(spec), config=config)
     candidates = [dict(b) for b in sitetasks.get((r.namespace, r.federation), [])]
     sites, invalid = selected_sites(r, candidates)
-    return Desired(round=r, raw_spec=dict(spec), sites=sites, invalid_sites=invalid, config=config)
+    return Desired(round=r, raw_spec=dict(spec), sites=sites, invalid_sites=invalid, config=config, plugins=plugins)
 
 
 async def _observed(

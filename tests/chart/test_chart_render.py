@@ -397,6 +397,7 @@ NOT_EXPOSED = {
     "health_host": "0.0.0.0 in a Pod, so the kubelet's probes reach it",
     "metrics_host": "0.0.0.0 in a Pod, so Prometheus reaches it through the metrics Service",
     "health_path": "the probes use /healthz; the chart fixes it",
+    "plugins": "plugin names only the trainer image has: extraEnv MFED_OPERATOR_PLUGINS (docs/plugins.md)",
 }
 
 

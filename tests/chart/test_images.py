@@ -65,7 +65,7 @@ def parse(path: Path) -> list[Stage]:
         keyword, _, args = line.partition(" ")
         keyword = keyword.upper()
         if keyword == "FROM":
-            args = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], args)
+            args = re.sub(r"\$\{(\w+)\}", lambda m: defaults.get(m.group(1), m.group(0)), args)
             match = re.fullmatch(r"(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?", args.strip(), re.IGNORECASE)
             assert match, f"{path}: cannot read FROM {args}"
             stages.append(Stage(base=match.group(1), alias=match.group(2)))

@@ -29,6 +29,7 @@ from mfed_operator.domain.status import Retry, RoundStatus, SiteRecord, iso
 from mfed_operator.domain.validation import BaseSummary, BaseTask
 from mfed_operator.domain.views import RoundView, SiteTaskView
 
+from mfed.registry import KINDS, Catalog, Entry, Listing, builtin_catalog
 from mfed.spec import ArchSpec, SharingMode, SharingPolicy
 from tests.operator.builders import CONFIG, NOW, job, later, round_view, site
 
@@ -65,6 +66,7 @@ class Case:
     secret: SecretCheck | None = SECRET_OK
     previous: PreviousRound | None = None
     round: RoundView = field(default_factory=round_view)
+    plugins: Catalog = field(default_factory=builtin_catalog)
     # expectations
     phase: Phase = Phase.PENDING
     reason: str | None = None
@@ -73,7 +75,7 @@ class Case:
 
 
 def decide(case: Case) -> Decision:
-    desired = Desired(round=case.round, raw_spec={}, sites=case.sites, config=CONFIG)
+    desired = Desired(round=case.round, raw_spec={}, sites=case.sites, config=CONFIG, plugins=case.plugins)
     observed = Observed(
         now=case.now,
         generation=1,
@@ -85,8 +87,54 @@ def decide(case: Case) -> Decision:
     return plan(desired, observed)
 
 
+def _claimed_twice(task_type: str) -> Catalog:
+    """The built-ins, with `task_type` also claimed by an installed plugin (acme-tasks)."""
+    catalog = builtin_catalog()
+    tasks = catalog.listings["task"]
+    claims = (tasks.entries[task_type], Entry(kind="task", name=task_type, target="acme:T", distribution="acme-tasks"))
+    entries = {k: v for k, v in tasks.entries.items() if k != task_type}
+    return Catalog(
+        listings={
+            **catalog.listings,
+            "task": Listing(kind=KINDS["task"], entries=entries, conflicts={task_type: claims}),
+        }
+    )
+
+
 CASES = [
     # ---- Pending
+    Case(
+        "pending: an encoder neither built in nor installed fails at once, before any Job",
+        RoundStatus(),
+        round=round_view(encoder={"name": "acme_net", "sharing": {"mode": "all"}}),
+        phase=Phase.FAILED,
+        reason="UnknownEncoder",
+    ),
+    Case(
+        "pending: a site's unknown decoder fails at once, before any Job",
+        RoundStatus(),
+        sites=(site("a"), replace(site("b"), decoder=ArchSpec(name="acme_head"))),
+        phase=Phase.FAILED,
+        reason="UnknownDecoder",
+    ),
+    Case(
+        "pending: a task type two packages claim fails at once",
+        RoundStatus(),
+        plugins=_claimed_twice("rotation"),
+        phase=Phase.FAILED,
+        reason="PluginConflict",
+    ),
+    Case(
+        "pending: plugin names declared to the operator (MFED_OPERATOR_PLUGINS) go ahead",
+        RoundStatus(),
+        round=round_view(encoder={"name": "acme_net", "sharing": {"mode": "all"}}),
+        sites=(replace(site("a"), decoder=ArchSpec(name="acme_head"), task_type="acme_task"),),
+        plugins=builtin_catalog().with_declared(
+            [("encoder", "acme_net"), ("decoder", "acme_head"), ("task", "acme_task")]
+        ),
+        reason="Initializing",
+        actions=("CreateJob",),
+    ),
     Case(
         "pending: valid round with a seed creates the init Job",
         RoundStatus(),
@@ -509,7 +557,7 @@ def test_a_forbidden_secret_says_which_chart_value_grants_it() -> None:
     from mfed_operator.domain.validation import validate_selection
 
     secret = SecretCheck(name="team-s3", exists=False, forbidden=True)
-    problems = validate_selection(round_view(), [site("a")], [], secret, None, max_sites=256)
+    problems = validate_selection(round_view(), [site("a")], [], secret, None, 256, builtin_catalog())
     assert [p.reason for p in problems] == ["SecretForbidden"]
     assert "add team-s3 to the chart's rbac.secretNames" in problems[0].message
     assert "in namespace team-a" in problems[0].message

@@ -9,16 +9,18 @@ import numpy as np
 import pytest
 import torch
 
+from mfed import registry
 from mfed.artifacts.signature import SignatureMismatch
 from mfed.learning.data import Split
-from mfed.learning.encoders import ArchError, ImageShape, build_encoder
+from mfed.learning.encoders import ArchError, build_encoder
 from mfed.learning.model import build_site_model, part_state, signature
-from mfed.learning.tasks import TaskError, build_task, task_types
+from mfed.learning.shapes import InputSpec
+from mfed.learning.tasks import TaskError, build_task
 from mfed.learning.train import Objective, compute_losses, decoder_distance, evaluate, train_local
 from mfed.spec import ArchSpec, Regularizer, TaskSpec
 
 CLS = TaskSpec(name="cls10", type="classification", params={"num_classes": 10})
-SHAPE = ImageShape(channels=1, height=28, width=28)
+SHAPE = InputSpec.image(1, 28, 28)
 
 
 def _model(task=CLS, decoder=ArchSpec(name="mlp"), encoder=ArchSpec(name="small_cnn"), seed=0):
@@ -96,7 +98,9 @@ def test_psnr_is_higher_for_a_better_reconstruction():
 def test_unknown_task_parameters_and_types_are_refused_with_the_choices():
     with pytest.raises(TaskError, match="num_classes"):
         build_task("classification", {"classes": 3}, SHAPE)
-    with pytest.raises(TaskError, match=r"available: .*classification"):
+    with pytest.raises(
+        registry.UnknownPlugin, match=r"unknown task type 'segmentation3d'.*available: .*classification"
+    ):
         build_task("segmentation3d", {}, SHAPE)
 
 
@@ -115,12 +119,12 @@ def test_users_add_task_types_through_the_entry_point_group(tmp_path, monkeypatc
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-tasks\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[mfed.tasks]\nbinary = acme_tasks:Binary\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    task_types.cache_clear()
+    registry.refresh()
     try:
         task = build_task("binary", {}, SHAPE)
         assert task.num_classes == 2  # type: ignore[attr-defined]
     finally:
-        task_types.cache_clear()
+        registry.refresh()
         sys.modules.pop("acme_tasks", None)
 
 

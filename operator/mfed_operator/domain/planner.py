@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from mfed.artifacts.layout import join
+from mfed.registry import Catalog, builtin_catalog
 from mfed_operator.config import OperatorConfig
 from mfed_operator.domain.actions import (
     Action,
@@ -66,6 +67,7 @@ class Desired:
     sites: tuple[SiteTaskView, ...] = ()
     invalid_sites: tuple[tuple[str, str], ...] = ()
     config: OperatorConfig = field(default_factory=OperatorConfig)
+    plugins: Catalog = field(default_factory=builtin_catalog)  # the names the round may use
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,7 +183,13 @@ def _pending(desired: Desired, observed: Observed, status: RoundStatus) -> Decis
     r, now, config = desired.round, observed.now, desired.config
     assert r is not None
     problems = validate_selection(
-        r, desired.sites, desired.invalid_sites, observed.secret, observed.previous, config.max_sites_per_round
+        r,
+        desired.sites,
+        desired.invalid_sites,
+        observed.secret,
+        observed.previous,
+        config.max_sites_per_round,
+        desired.plugins,
     )
     hard = [p for p in problems if p.severity is Severity.HARD]
     if hard:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from mfed.registry import KINDS, Catalog
 from mfed.spec import ArchSpec, SharingPolicy
 from mfed_operator.domain.method_settings import method_plan
 from mfed_operator.domain.observations import PreviousRound, SecretCheck
@@ -44,8 +45,9 @@ def validate_selection(
     secret: SecretCheck | None,
     previous: PreviousRound | None,
     max_sites: int,
+    plugins: Catalog,
 ) -> list[Problem]:
-    problems: list[Problem] = []
+    problems: list[Problem] = check_plugins(r, sites, plugins)
     w = Severity.WAITABLE
     for name, error in invalid_sites:
         problems.append(
@@ -172,6 +174,46 @@ def validate_selection(
                     Severity.BLOCKING,
                 )
             )
+    return problems
+
+
+def unknown_reason(kind: str) -> str:
+    """UnknownEncoder, UnknownDecoder, UnknownTaskType: one per registry kind, named after it."""
+    return "Unknown" + "".join(word.capitalize() for word in KINDS[kind].what.split())
+
+
+def check_plugins(r: RoundView, sites: Sequence[SiteTaskView], plugins: Catalog) -> list[Problem]:
+    """Every architecture and task type the round names is known here, before any Job starts.
+
+    Names only, from entry-point metadata (nothing is imported: the operator has no torch);
+    whether a plugin's parameters are valid is for the trainer to say, in the init Job."""
+    uses = [("encoder", r.encoder.name, "spec.encoder.name")]
+    for site in sorted(sites, key=lambda s: s.name):
+        uses.append(("decoder", site.decoder.name, f"SiteTask {site.name} spec.decoder.name"))
+        uses.append(("task", site.task_type, f"SiteTask {site.name} spec.task.type"))
+    problems: list[Problem] = []
+    seen: set[tuple[str, str]] = set()
+    for kind, name, where in uses:
+        if (kind, name) in seen or plugins.problem(kind, name) is None:
+            continue
+        seen.add((kind, name))
+        what = KINDS[kind].what
+        claims = plugins.claimants(kind, name)
+        if claims:
+            owners = " and ".join(c.package for c in claims)
+            problems.append(
+                Problem("PluginConflict", f"{where}: {what} {name!r} is claimed by {owners}; rename or uninstall one")
+            )
+            continue
+        # Status messages are clipped at 300 characters: the fix comes first, the list last.
+        problems.append(
+            Problem(
+                unknown_reason(kind),
+                f"{where}: no {what} {name!r} here; install its plugin in the operator image too (pip install "
+                f"--no-deps <package>) or set MFED_OPERATOR_PLUGINS={kind}:{name}; known: "
+                + ", ".join(plugins.known(kind)),
+            )
+        )
     return problems
 
 

@@ -8,6 +8,7 @@ Typed domain/adaptor errors are mapped to kopf errors here and only here.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -59,6 +60,16 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     kube: Kube | None = None
     executor: Executor | None = None
+    # The last phase announced (Event, transition metric) per round uid. kopf may run the timer
+    # again before its watch has delivered our own status patch, on a stale status that makes the
+    # same transition once more; every action is idempotent, the announcement must be too. After
+    # a restart this is empty and the status read from the API is current.
+    announced: dict[str, Phase] = field(default_factory=dict)
+    # Per round uid: the resourceVersion a status change was computed from, and when. Until the
+    # watch brings the round back with another version, the status kopf hands the timer is the
+    # one before our own patch (kopf does not feed a timer its patch responses): planning on it
+    # would repeat the last step (a second aggregation). Bounded, in case the patch was lost.
+    patched_from: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     def require_kube(self) -> Kube:
         if self.kube is None:
@@ -203,11 +214,20 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
 
     @kopf.on.event(GROUP, VERSION, FEDERATIONROUNDS, registry=registry, id="track_round_phase")
     def track_round_phase(
-        event: kopf.RawEvent, namespace: str | None, name: str, status: kopf.Status, memo: kopf.Memo, **_: Any
+        event: kopf.RawEvent,
+        namespace: str | None,
+        name: str,
+        uid: str | None,
+        status: kopf.Status,
+        memo: kopf.Memo,
+        **_: Any,
     ) -> None:
         runtime: Runtime = memo.runtime
         gone = event.get("type") == "DELETED"
         runtime.metrics.observe_round(namespace or "", name, None if gone else str(status.get("phase") or "Pending"))
+        if gone:
+            runtime.announced.pop(str(uid or ""), None)
+            runtime.patched_from.pop(str(uid or ""), None)
 
     # -- SiteTask: validate the spec, say so in the Ready condition
     @kopf.on.resume(GROUP, VERSION, SITETASKS, registry=registry, id="validate_sitetask", retries=3, backoff=5)
@@ -272,6 +292,10 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         runtime: Runtime = memo.runtime
         assert runtime.executor is not None
         runtime.require_kube()  # not logged in yet: a TemporaryError, kopf retries soon
+        uid, version = str(meta.get("uid") or ""), str(meta.get("resourceVersion") or "")
+        last = runtime.patched_from.get(uid)
+        if last is not None and last[0] == version and time.monotonic() - last[1] < config.stale_status_seconds:
+            return  # our last status change has not come back through the watch yet
         with runtime.metrics.reconcile_seconds.time():
             now = _now()
             generation = int(meta.get("generation") or 0)
@@ -295,8 +319,12 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
             after = decision.status
             for outcome in result.outcomes:
                 after = apply_outcome(after, outcome, desired, _now())
-            patch.status.update(after.render(generation, _now()))
-            if after.phase is not before.phase:
+            rendered = after.render(generation, _now())
+            patch.status.update(rendered)
+            if any(status.get(key) != value for key, value in rendered.items()):
+                runtime.patched_from[uid] = (version, time.monotonic())
+            if after.phase is not before.phase and runtime.announced.get(uid) is not after.phase:
+                runtime.announced[uid] = after.phase
                 reason = after.headline.reason if after.headline else after.phase.value
                 message = after.headline.message if after.headline else ""
                 kind = "Warning" if after.phase is Phase.FAILED else "Normal"

@@ -22,8 +22,12 @@ pytestmark = pytest.mark.slow
 KEEP_TASKS = ("cls10", "rot4")  # 2 tasks x 2 sites of the example's 4 x 2
 
 
-def scaled_down_example(cluster: Cluster) -> list[dict[str, Any]]:
-    """The example federation, cut to 4 sites, 2 rounds and small shards, pointed at the test S3."""
+def scaled_down_example(cluster: Cluster, prefix: str | None = None) -> list[dict[str, Any]]:
+    """The example federation, cut to 4 sites, 2 rounds and small shards, pointed at the test S3.
+
+    `prefix`: its own storage prefix. The S3 server lives for the whole module and the trainer
+    returns an existing complete upload for the same base model instead of training again (by
+    design, for restarted Jobs), so a test that must see its own Jobs train needs its own prefix."""
     objects = []
     for obj in copy.deepcopy(load_kustomization(EXAMPLES / "fashion-mnist")):
         kind = obj["kind"]
@@ -37,6 +41,8 @@ def scaled_down_example(cluster: Cluster) -> list[dict[str, Any]]:
             obj["spec"]["data"]["demo"].update(samples=100, testSamples=200)
         if kind == "FederationRound":
             obj["spec"]["storage"]["endpoint"] = cluster.s3.endpoint
+            if prefix is not None:
+                obj["spec"]["storage"]["prefix"] = prefix
             obj["spec"]["siteSelector"]["matchExpressions"][0]["values"] = list(KEEP_TASKS)
             obj["spec"]["aggregation"]["minSites"] = 4
             obj["spec"]["followUpRounds"] = 1
@@ -142,7 +148,7 @@ def test_the_federation_runs_with_the_operator_logged_in_as_a_pod(make_cluster: 
     """In-cluster login end to end: https API, ServiceAccount token and CA files, no kubeconfig.
     The emulated API answers 401 to any token but the ServiceAccount's (and the tests' own)."""
     cluster = make_cluster(in_cluster=True)
-    objects = scaled_down_example(cluster)
+    objects = scaled_down_example(cluster, prefix="in-cluster")
     for obj in objects:
         if obj["kind"] == "FederationRound":
             obj["spec"]["followUpRounds"] = 0
@@ -165,7 +171,7 @@ def test_the_federation_runs_its_jobs_from_the_built_trainer_image(make_cluster:
     venv: the image's entrypoint, Python, torch and demo data train a round the operator accepts."""
     with container(TRAINER) as trainer:
         cluster = make_cluster(image=trainer, MFED_OPERATOR_TRAINER_IMAGE=TRAINER)
-        objects = scaled_down_example(cluster)
+        objects = scaled_down_example(cluster, prefix="from-the-image")
         for obj in objects:
             if obj["kind"] == "FederationRound":
                 obj["spec"]["followUpRounds"] = 0

@@ -114,12 +114,6 @@ class OperatorConfig:
         return config
 
     @property
-    def stale_status_seconds(self) -> float:
-        """How long a round's status may wait for our own patch to come back through the watch
-        before the timer plans on it anyway (the patch may have been lost)."""
-        return max(5.0, 2 * self.resync_seconds)
-
-    @property
     def liveness_endpoint(self) -> str:
         return f"http://{self.health_host}:{self.health_port}{self.health_path}"
 

@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -79,6 +79,12 @@ class Executor:
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def read_round(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._io(self._kube().get_round, namespace, name)
+
+    async def write_round_status(self, namespace: str, name: str, planned_on: str, status: Mapping[str, Any]) -> None:
+        await self._io(self._kube().patch_round_status, namespace, name, planned_on, status)
 
     async def check_secret(self, r: RoundView) -> SecretCheck | None:
         """Whether the round's S3 credentials Secret exists with the keys it names (values unread).

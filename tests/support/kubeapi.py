@@ -20,6 +20,7 @@ import json
 import secrets
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -69,8 +70,12 @@ class Emulator(kmock.KubernetesEmulator):
     # When set, a request whose bearer token is not in it gets 401, as from a real API server
     # after a token stopped being valid (kmock checks no credentials at all).
     accepted_tokens: set[str] | None = attrs.field(default=None)
+    # When each request arrived (monotonic seconds, by the id of kmock's logged request): tests
+    # measure how fast the operator reacts to what the kubelet reports.
+    arrivals: dict[int, float] = attrs.field(factory=dict)
 
     async def _handle(self, request: kmock.Request) -> Any:
+        self.arrivals[id(request)] = time.monotonic()
         if self.accepted_tokens is not None and _bearer(request.headers) not in self.accepted_tokens:
             raise kmock.KubernetesError(status=401, reason="Unauthorized", message="Unauthorized")
         if request.resource is not None and request.action in (kmock.action.CREATE, kmock.action.UPDATE):
@@ -108,6 +113,15 @@ class Emulator(kmock.KubernetesEmulator):
         current = self._objects[key].raw
         status_only = request.subresource == "status"
         if isinstance(data, dict):
+            # Optimistic concurrency, as the API server does for a patch or update that names a
+            # resourceVersion (on the status subresource too): 409 unless it is the current one.
+            wanted = (data.get("metadata") or {}).get("resourceVersion")
+            if wanted is not None and wanted != current.get("metadata", {}).get("resourceVersion"):
+                raise kmock.KubernetesError(
+                    status=409,
+                    reason="Conflict",
+                    message="the object has been modified; please apply your changes to the latest version",
+                )
             if self._has_status(request):
                 if status_only:
                     for name in [k for k in data if k != "status"]:
@@ -169,6 +183,7 @@ class LoggedRequest:
     authorization: str | None = None  # the Authorization header exactly as sent
     group: str | None = None
     version: str | None = None
+    at: float | None = None  # when it arrived (time.monotonic() of the test process)
 
 
 def _authorization(headers: Mapping[str, str]) -> str | None:
@@ -297,6 +312,7 @@ class KubeAPI:
                         authorization=_authorization(r.headers),
                         group=r.resource.group if r.resource else None,
                         version=r.resource.version if r.resource else None,
+                        at=self.emulator.arrivals.get(id(r)),
                     )
                 )
             return out

@@ -87,10 +87,11 @@ ClusterRole (cluster-wide) and the per-namespace Roles. tests/chart/test_rbac.py
 API requests of an end-to-end federation, that each call is granted and each verb here is used.
 */}}
 {{- define "mfed-operator.rules" -}}
-# Watch rounds; kopf's finalizer and progress annotations (patch); the next round of a chain (create).
+# Watch rounds; read one fresh before each reconciliation (get); kopf's finalizer and progress
+# annotations (patch); the next round of a chain (create).
 - apiGroups: ["mfed.dev"]
   resources: ["federationrounds"]
-  verbs: ["list", "watch", "patch", "create"]
+  verbs: ["get", "list", "watch", "patch", "create"]
 - apiGroups: ["mfed.dev"]
   resources: ["federationrounds/status"]
   verbs: ["patch"]

@@ -143,6 +143,32 @@ class Kube:
             dict(manifest),
         )
 
+    def get_round(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The FederationRound as the API serves it now (None when it does not exist)."""
+        try:
+            return self._call(
+                self._custom.get_namespaced_custom_object, GROUP, VERSION, namespace, FEDERATIONROUNDS, name
+            )
+        except Gone:
+            return None
+
+    def patch_round_status(self, namespace: str, name: str, planned_on: str, status: Mapping[str, Any]) -> None:
+        """Merge-patch the round's status (None values remove fields), only if the round is still
+        at resourceVersion `planned_on`: otherwise the API answers 409 (Conflict), so a status
+        planned on an older round is never written over a newer one."""
+        body = {"metadata": {"resourceVersion": planned_on}, "status": dict(status)}
+        with contextlib.suppress(Gone):  # deleted meanwhile: nothing to report to
+            self._call(
+                self._custom.patch_namespaced_custom_object_status,
+                GROUP,
+                VERSION,
+                namespace,
+                FEDERATIONROUNDS,
+                name,
+                body,
+                _content_type="application/merge-patch+json",
+            )
+
     def replace_sitetask_status_fields(self, namespace: str, name: str, fields: Mapping[str, Any]) -> None:
         """Replace each of `fields` in the SiteTask's status WHOLE, leaving its other fields alone.
 

@@ -236,3 +236,17 @@ def test_peak_memory_stays_near_two_models_with_many_groups_on_the_cagrad_path()
     tracemalloc.stop()
     assert not result.manifest.rejected
     assert peak < 3 * model, peak / model
+
+
+def test_storage_open_range_reads_exact_ranges_of_a_local_file_and_refuses_reads_past_its_end(tmp_path):
+    from mfed.storage import NotFound, Storage
+
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(range(256)))
+    blob = Storage().open_range(str(path))
+    assert blob.size == 256
+    assert blob.read(10, 3) == bytes([10, 11, 12]) and blob.read(256, 0) == b""
+    with pytest.raises(ValueError, match="outside"):
+        blob.read(250, 10)
+    with pytest.raises(NotFound):
+        Storage().open_range(str(tmp_path / "missing"))

@@ -8,6 +8,13 @@ Peak memory is traced with tracemalloc (numpy reports its buffers to it) in a se
 from the timing pass, so tracing does not slow the timed run.
 
     python bench/aggregation_memory.py [--sites 2,4,8,16,32,64] [--dtype float32|bfloat16]
+
+`--all-paths` measures the operator's path (tensor by tensor over ranged reads of the files,
+ContributionSource.open_files) on every level-2 path: mean, cagrad, gated, task-level copies
+(mean) and auto (task-level copies + two-track uploads + cagrad), with 2 sites per task group
+and `--groups` task groups (default 2,4,16), and ends with the worst peak over the model size:
+
+    python bench/aggregation_memory.py --all-paths [--groups 2,4,16]
 """
 
 from __future__ import annotations
@@ -21,15 +28,18 @@ from pathlib import Path
 
 import numpy as np
 
-from mfed.aggregation.fedavg import ContributionSource, aggregate
+from mfed.aggregation.crosstask import Level2Rule
+from mfed.aggregation.fedavg import AggregationSettings, ContributionSource, aggregate
 from mfed.aggregation.ownership import layout_global
 from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, MODEL_FILE
 from mfed.artifacts.manifest import ContributionManifest, FileRef, GlobalManifest, TaskGroupInfo
+from mfed.artifacts.ranged import FileRange
 from mfed.artifacts.signature import Signature
 from mfed.artifacts.tensorfile import StoredDtype, decode_tensors, encode_tensors, sha256_hex
 from mfed.spec import ArchSpec, SharingPolicy
 
 TASKS = ("cls", "seg")
+SITES_PER_GROUP = 2
 
 
 def resnet_shapes() -> dict[str, tuple[int, ...]]:
@@ -39,11 +49,13 @@ def resnet_shapes() -> dict[str, tuple[int, ...]]:
     return {f"encoder.{k}": tuple(v.shape) for k, v in encoder.state_dict().items()}
 
 
-def make_base(shapes: dict[str, tuple[int, ...]]) -> tuple[GlobalManifest, dict[str, np.ndarray]]:
+def make_base(
+    shapes: dict[str, tuple[int, ...]], tasks: tuple[str, ...] = TASKS, sharing: SharingPolicy = SharingPolicy()
+) -> tuple[GlobalManifest, dict[str, np.ndarray]]:
     rng = np.random.default_rng(0)
     encoder = {k: rng.standard_normal(s, dtype=np.float32) * 0.01 for k, s in shapes.items()}
-    decoders = {t: {"decoder.0.weight": rng.standard_normal((10, 512), dtype=np.float32)} for t in TASKS}
-    tensors = layout_global(encoder, decoders, SharingPolicy())
+    decoders = {t: {"decoder.0.weight": rng.standard_normal((10, 512), dtype=np.float32)} for t in tasks}
+    tensors = layout_global(encoder, decoders, sharing)
     data = encode_tensors(tensors)
     manifest = GlobalManifest(
         federation="bench",
@@ -51,7 +63,7 @@ def make_base(shapes: dict[str, tuple[int, ...]]) -> tuple[GlobalManifest, dict[
         model=FileRef(name=MODEL_FILE, sha256=sha256_hex(data), size=len(data)),
         encoder=ArchSpec(name="resnet"),
         encoder_signature=Signature.of_arrays(encoder),
-        sharing=SharingPolicy(),
+        sharing=sharing,
         tasks={
             t: TaskGroupInfo(
                 type="classification",
@@ -59,23 +71,33 @@ def make_base(shapes: dict[str, tuple[int, ...]]) -> tuple[GlobalManifest, dict[
                 decoder=ArchSpec(name="mlp"),
                 decoder_signature=Signature.of_arrays(decoders[t]),
             )
-            for t in TASKS
+            for t in tasks
         },
     )
     return manifest, dict(decode_tensors(data).tensors)
 
 
 def write_contributions(
-    base: GlobalManifest, shapes: dict[str, tuple[int, ...]], count: int, folder: Path, dtype: StoredDtype
+    base: GlobalManifest,
+    shapes: dict[str, tuple[int, ...]],
+    count: int,
+    folder: Path,
+    dtype: StoredDtype,
+    tasks: tuple[str, ...] = TASKS,
+    two_track: bool = False,
 ) -> list[ContributionManifest]:
     manifests = []
     for i in range(count):
         rng = np.random.default_rng(1000 + i)
-        site, task = f"site-{i:03d}", TASKS[i % len(TASKS)]
-        delta = encode_tensors(
-            {k: rng.standard_normal(s, dtype=np.float32) * 1e-3 for k, s in shapes.items()}, float_dtype=dtype
-        )
-        decoder = encode_tensors({"decoder.0.weight": rng.standard_normal((10, 512), dtype=np.float32)})
+        site, task = f"site-{i:03d}", tasks[i % len(tasks)]
+        delta_values = {k: rng.standard_normal(s, dtype=np.float32) * 1e-3 for k, s in shapes.items()}
+        decoder_values = {"decoder.0.weight": rng.standard_normal((10, 512), dtype=np.float32)}
+        if two_track:  # auto's sites upload their shared track beside their task-level one
+            delta_values |= {f"shared.{k}": v * 0.5 for k, v in delta_values.items()}
+            decoder_values |= {f"shared.{k}": v for k, v in decoder_values.items()}
+        delta = encode_tensors(delta_values, float_dtype=dtype)
+        decoder = encode_tensors(decoder_values)
+        del delta_values, decoder_values
         (folder / f"{site}.delta").write_bytes(delta)
         (folder / f"{site}.decoder").write_bytes(decoder)
         manifests.append(
@@ -141,11 +163,80 @@ def measure(fn: Callable[[], dict[str, np.ndarray]]) -> tuple[float, int, dict[s
     return seconds, peak, result
 
 
+PATHS: dict[str, tuple[SharingPolicy, AggregationSettings, bool]] = {
+    "mean": (SharingPolicy(), AggregationSettings(), False),
+    "cagrad": (SharingPolicy(), AggregationSettings(level2_rule=Level2Rule.CAGRAD), False),
+    "gated": (SharingPolicy(), AggregationSettings(level2_rule=Level2Rule.GATED), False),
+    "task-level": (SharingPolicy(task_level=True), AggregationSettings(), False),
+    "auto": (SharingPolicy(task_level=True), AggregationSettings(level2_rule=Level2Rule.CAGRAD), True),
+}
+
+
+def ranged(
+    base: GlobalManifest,
+    tensors: dict[str, np.ndarray],
+    manifests: list[ContributionManifest],
+    folder: Path,
+    settings: AggregationSettings,
+) -> None:
+    """The operator's path: each contribution read by ranges (here from disk, in the operator S3)."""
+
+    def source(m: ContributionManifest) -> ContributionSource:
+        return ContributionSource(
+            site=m.site,
+            read_manifest=lambda: m,
+            read_files=lambda _: (
+                (folder / f"{m.site}.delta").read_bytes(),
+                (folder / f"{m.site}.decoder").read_bytes(),
+            ),
+            open_files=lambda _: (FileRange(folder / f"{m.site}.delta"), FileRange(folder / f"{m.site}.decoder")),
+        )
+
+    result = aggregate(base, tensors, 1, [source(m) for m in manifests], settings)
+    assert not result.manifest.rejected
+
+
+def all_paths(groups: list[int], dtype: StoredDtype) -> None:
+    shapes = resnet_shapes()
+    columns = (("path", 10), ("groups", 6), ("sites", 5), ("seconds", 7), ("peak MiB", 8), ("model MiB", 9))
+    print("  ".join(f"{name:>{width}}" for name, width in columns) + f"  {'peak/model':>10}")
+    worst = (0.0, "", 0)
+    for count in groups:
+        tasks = tuple(f"task-{i:02d}" for i in range(count))
+        for name, (sharing, settings, two_track) in PATHS.items():
+            base, tensors = make_base(shapes, tasks, sharing)
+            model = sum(v.size * 4 for v in tensors.values())
+            with tempfile.TemporaryDirectory(prefix="mfed-bench-") as tmp:
+                folder = Path(tmp)
+                manifests = write_contributions(
+                    base, shapes, SITES_PER_GROUP * count, folder, dtype, tasks, two_track=two_track
+                )
+                tracemalloc.start()
+                started = time.perf_counter()
+                ranged(base, tensors, manifests, folder, settings)
+                seconds = time.perf_counter() - started
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+            ratio = peak / model
+            worst = max(worst, (ratio, name, count))
+            print(
+                f"{name:>10}  {count:>6}  {len(manifests):>5}  {seconds:>7.1f}  {peak / 2**20:>8.0f}  "
+                f"{model / 2**20:>9.0f}  {ratio:>10.2f}",
+                flush=True,
+            )
+    print(f"worst_peak_over_model={worst[0]:.2f} path={worst[1]} groups={worst[2]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", default="2,4,8,16,32,64")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--all-paths", action="store_true", help="every level-2 path, tensor by tensor")
+    parser.add_argument("--groups", default="2,4,16", help="task-group counts for --all-paths")
     args = parser.parse_args()
+    if args.all_paths:
+        all_paths([int(g) for g in args.groups.split(",")], StoredDtype.parse(args.dtype))
+        return
     counts = [int(c) for c in args.sites.split(",")]
     dtype = StoredDtype.parse(args.dtype)
     shapes = resnet_shapes()

@@ -16,6 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from mfed.artifacts.ranged import ByteRange, FileRange
+
 
 class StorageError(Exception):
     """Storage failed in a way that may pass (network, throttling, server error)."""
@@ -137,6 +139,16 @@ class Storage:
             tmp.write(data)
         os.replace(tmp.name, path)
 
+    def open_range(self, uri: str) -> ByteRange:
+        """Random access to a stored file: S3 Range GETs, or reads of a local file."""
+        if uri.startswith("s3://"):
+            return S3Range(self.s3, uri)
+        path = _local(uri)
+        try:
+            return FileRange(path)
+        except FileNotFoundError:
+            raise NotFound(f"{path} does not exist") from None
+
     def exists(self, uri: str) -> bool:
         try:
             if uri.startswith("s3://"):
@@ -149,6 +161,39 @@ class Storage:
             return _local(uri).exists()
         except NotFound:
             return False
+
+
+class S3Range:
+    """One S3 object read by byte ranges (its size from one HEAD, each read one Range GET)."""
+
+    def __init__(self, settings: S3Settings, uri: str) -> None:
+        self._uri = uri
+        self._bucket, self._key = split_s3_uri(uri)
+        self._client = s3_client(settings)
+        try:
+            self._size = int(self._client.head_object(Bucket=self._bucket, Key=self._key)["ContentLength"])
+        except Exception as exc:
+            raise _s3_error(exc, uri) from None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise ValueError(f"range [{offset}, {offset + length}) is outside {self._uri} ({self._size} bytes)")
+        if length == 0:
+            return b""
+        try:
+            response = self._client.get_object(
+                Bucket=self._bucket, Key=self._key, Range=f"bytes={offset}-{offset + length - 1}"
+            )
+            data = bytes(response["Body"].read())
+        except Exception as exc:
+            raise _s3_error(exc, self._uri) from None
+        if len(data) != length:
+            raise StorageError(f"{self._uri}: asked for {length} bytes at {offset}, got {len(data)}")
+        return data
 
 
 def _local(uri: str) -> Path:

@@ -91,9 +91,35 @@ def level2(
     cross-round state is read from (the gate's smoothed agreement). Every rule reports each
     group's agreement (cosine with the others' mean update) as evidence.
     """
+    gram = gram_matrix([u.mean_delta for u in updates], keys)
+    return level2_from_gram(
+        gram,
+        updates,
+        weighting=weighting,
+        rule=rule,
+        cagrad_c=cagrad_c,
+        gate_threshold=gate_threshold,
+        gate_momentum=gate_momentum,
+        previous=previous,
+    )
+
+
+def level2_from_gram(
+    gram: np.ndarray,
+    updates: Sequence[GroupUpdate],
+    *,
+    weighting: Level2Weighting,
+    rule: Level2Rule,
+    cagrad_c: float,
+    gate_threshold: float,
+    gate_momentum: float,
+    previous: Mapping[str, Any],
+) -> Level2Outcome:
+    """`level2` once the Gram matrix of the groups' mean deltas is known (only the updates'
+    task names and sample counts are read): the tensor-by-tensor aggregator builds the Gram
+    matrix one parameter at a time and never holds a whole mean delta."""
     tasks = [u.task for u in updates]
     base = group_weights(updates, weighting)
-    gram = gram_matrix([u.mean_delta for u in updates], keys)
     evidence: dict[str, Any] = {
         "level2Rule": rule.value,
         "agreement": dict(zip(tasks, agreement(gram, base), strict=True)),

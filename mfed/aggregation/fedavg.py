@@ -31,6 +31,12 @@ import numpy as np
 from mfed.aggregation.crosstask import GroupUpdate, Level2Rule, Level2Weighting, level2, weighted_mean
 from mfed.aggregation.linear import Candidate, aggregate_linear, screen_manifests
 from mfed.aggregation.ownership import SHARED_TRACK, dual_keys, owner_of
+from mfed.aggregation.streaming import (
+    StreamedRound,
+    aggregate_streamed_groups,
+    aggregate_streamed_linear,
+    validate_all,
+)
 from mfed.aggregation.validate import (
     ContributionRejected,
     RejectReason,
@@ -46,6 +52,7 @@ from mfed.artifacts.manifest import (
     GlobalManifest,
     Rejection,
 )
+from mfed.artifacts.ranged import ByteRange
 from mfed.artifacts.tensorfile import encode_tensors, sha256_hex
 
 
@@ -299,6 +306,10 @@ class ContributionSource:
     site: str
     read_manifest: Callable[[], ContributionManifest]
     read_files: Callable[[ContributionManifest], tuple[bytes, bytes]]
+    # Random access to the same two files (delta, decoder). When every source has it, the
+    # round is aggregated tensor by tensor (streaming.py): memory ~2 models whatever the rule,
+    # the number of sites or of task groups. Without it, whole contributions are read.
+    open_files: Callable[[ContributionManifest], tuple[ByteRange, ByteRange]] | None = None
 
 
 def aggregate(
@@ -323,6 +334,8 @@ def aggregate(
             rejected.append(Rejection(site=exc.site, reason=exc.reason.value, detail=exc.detail))
     kept, refused = screen_manifests(base, round_number, [(s.site, m, s) for s, m in readable])
     rejected += refused
+    if all(s.open_files is not None for _, _, s in kept):
+        return _aggregate_streamed(base, base_tensors, round_number, kept, rejected, settings)
     if settings.level2_rule is not Level2Rule.MEAN or base.sharing.task_level:
         return _aggregate_by_group(base, base_tensors, round_number, kept, rejected, settings)
     candidates = [Candidate(site=site, manifest=m, read_files=s.read_files) for site, m, s in kept]
@@ -333,6 +346,38 @@ def aggregate(
         base, round_number, model_bytes, outcome.accepted, rejected, settings, outcome.level2_weights
     )
     return AggregationResult(model_bytes=model_bytes, manifest=manifest, tensors=outcome.tensors)
+
+
+def _aggregate_streamed(
+    base: GlobalManifest,
+    base_tensors: Mapping[str, np.ndarray],
+    round_number: int,
+    kept: list[tuple[str, ContributionManifest, ContributionSource]],
+    rejected: list[Rejection],
+    settings: AggregationSettings,
+) -> AggregationResult:
+    """The same result as the whole-contribution paths, read tensor by tensor (streaming.py)."""
+    opened = [(m, s.open_files) for _site, m, s in kept if s.open_files is not None]
+    accepted, refused = validate_all(base_tensors, opened)
+    rejected = rejected + refused
+    if not accepted:
+        raise ValueError("no contribution was accepted; there is nothing to aggregate")
+    round_ = StreamedRound(base_tensors, accepted)
+    if settings.level2_rule is not Level2Rule.MEAN or base.sharing.task_level:
+        outcome = aggregate_streamed_groups(base, base_tensors, round_, settings)
+    else:
+        outcome = aggregate_streamed_linear(base_tensors, round_, settings.level2_weighting)
+    manifest = build_global_manifest(
+        base,
+        round_number,
+        outcome.model_bytes,
+        outcome.accepted,
+        rejected,
+        settings,
+        outcome.level2_weights,
+        outcome.evidence,
+    )
+    return AggregationResult(model_bytes=outcome.model_bytes, manifest=manifest, tensors=outcome.tensors)
 
 
 def _aggregate_by_group(

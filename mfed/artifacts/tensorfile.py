@@ -142,20 +142,50 @@ def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]
     return result
 
 
-def decode_tensors(data: bytes) -> TensorFile:
-    """Parse untrusted bytes into read-only float arrays (BF16 widened to float32)."""
-    if len(data) < 8:
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lies in a file: [begin, end) counted from the start of the FILE."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class TensorIndex:
+    """A checked header: every entry, in data order, covering the buffer exactly once."""
+
+    header_bytes: int  # 8 + the JSON header's length: where the buffer starts
+    entries: tuple[TensorEntry, ...]
+    metadata: Mapping[str, str]
+
+    def by_name(self) -> dict[str, TensorEntry]:
+        return {e.name: e for e in self.entries}
+
+
+def header_length(prefix: bytes, file_size: int) -> int:
+    """The JSON header's length from the file's first 8 bytes, checked against the file size."""
+    if len(prefix) < 8 or file_size < 8:
         raise TensorFileError("file is shorter than the 8-byte header length")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
-        raise TensorFileError(f"header length {header_len} does not fit in {len(data)} bytes")
+    (header_len,) = struct.unpack("<Q", prefix[:8])
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
+        raise TensorFileError(f"header length {header_len} does not fit in {file_size} bytes")
+    return int(header_len)
+
+
+def parse_index(head: bytes, file_size: int) -> TensorIndex:
+    """Check the header (`head` = the file's first 8 + header-length bytes) of a file of
+    `file_size` bytes without its buffer: what a ranged reader needs before reading tensors."""
+    header_len = header_length(head, file_size)
     try:
-        header = json.loads(data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+        header = json.loads(head[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TensorFileError(f"header is not valid UTF-8 JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise TensorFileError("header is not a JSON object")
-    buffer = memoryview(data)[8 + header_len :]
+    buffer_len = file_size - 8 - header_len
     raw_metadata = header.pop("__metadata__", {}) or {}
     if not isinstance(raw_metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in raw_metadata.items()
@@ -193,18 +223,53 @@ def decode_tensors(data: bytes) -> TensorFile:
         if begin != cursor:
             raise TensorFileError(f"tensor {name!r}: starts at {begin}, expected {cursor}")
         cursor = end
-    if cursor != len(buffer):
-        raise TensorFileError(f"buffer has {len(buffer)} bytes but tensors cover {cursor}")
+    if cursor != buffer_len:
+        raise TensorFileError(f"buffer has {buffer_len} bytes but tensors cover {cursor}")
+    start = 8 + header_len
+    return TensorIndex(
+        header_bytes=start,
+        entries=tuple(TensorEntry(n, d, s, start + b, start + e) for b, e, n, d, s in entries),
+        metadata=dict(raw_metadata),
+    )
 
+
+def tensor_from_bytes(chunk: bytes | memoryview, entry: TensorEntry) -> np.ndarray:
+    """A read-only array over one tensor's bytes (BF16 widened to float32)."""
+    if entry.dtype == "BF16":
+        array = _from_bf16_bits(np.frombuffer(chunk, dtype="<u2")).reshape(entry.shape)
+    else:
+        array = np.frombuffer(chunk, dtype=_NUMPY_OF[entry.dtype]).reshape(entry.shape)
+    array.flags.writeable = False
+    return array
+
+
+def decode_tensors(data: bytes) -> TensorFile:
+    """Parse untrusted bytes into read-only float arrays (BF16 widened to float32)."""
+    header_len = header_length(data, len(data))
+    index = parse_index(data[: 8 + header_len], len(data))
+    view = memoryview(data)
     tensors: dict[str, np.ndarray] = {}
     stored: dict[str, str] = {}
-    for begin, end, name, dtype, shape in entries:
-        chunk = buffer[begin:end]
-        if dtype == "BF16":
-            array = _from_bf16_bits(np.frombuffer(chunk, dtype="<u2")).reshape(shape)
-        else:
-            array = np.frombuffer(chunk, dtype=_NUMPY_OF[dtype]).reshape(shape)
-        array.flags.writeable = False
-        tensors[name] = array
-        stored[name] = dtype
-    return TensorFile(tensors=tensors, stored_dtypes=stored, metadata=dict(raw_metadata))
+    for entry in index.entries:
+        tensors[entry.name] = tensor_from_bytes(view[entry.begin : entry.end], entry)
+        stored[entry.name] = entry.dtype
+    return TensorFile(tensors=tensors, stored_dtypes=stored, metadata=dict(index.metadata))
+
+
+def float32_layout(shapes: Mapping[str, tuple[int, ...]]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The header `encode_tensors` writes for float tensors of these shapes stored as F32, and
+    where (file offsets) each tensor's bytes go: a writer can then fill the file tensor by
+    tensor, never holding a second copy of the model, and produce the same bytes."""
+    header: dict[str, object] = {}
+    offsets: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for name in sorted(shapes):
+        shape = [int(d) for d in shapes[name]]
+        size = math.prod(shape) * _ITEMSIZE["F32"]
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offsets[name] = (offset, offset + size)
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    head = struct.pack("<Q", len(header_bytes)) + header_bytes
+    return head, {name: (len(head) + b, len(head) + e) for name, (b, e) in offsets.items()}

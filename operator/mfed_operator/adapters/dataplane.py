@@ -15,6 +15,7 @@ from mfed.aggregation.fedavg import ContributionSource, RoundAggregator, aggrega
 from mfed.aggregation.validate import ContributionRejected, RejectReason
 from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, MANIFEST_FILE, MODEL_FILE, join
 from mfed.artifacts.manifest import ContributionManifest, ManifestError
+from mfed.artifacts.ranged import ByteRange
 from mfed.model_store import GlobalModel, GlobalModelError, check_global_model_present, read_global_model
 from mfed.storage import NotFound, Storage
 from mfed_operator.domain.actions import (
@@ -49,6 +50,27 @@ class CountingStorage:
 
     def exists(self, uri: str) -> bool:
         return self._storage.exists(uri)
+
+    def open_range(self, uri: str) -> ByteRange:
+        return _CountedRange(self._storage.open_range(uri), self)
+
+
+class _CountedRange:
+    """A ranged file whose reads count towards its storage's bytes read."""
+
+    def __init__(self, inner: ByteRange, counter: CountingStorage) -> None:
+        self._inner = inner
+        self._counter = counter
+
+    @property
+    def size(self) -> int:
+        return self._inner.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = self._inner.read(offset, length)
+        with self._counter._lock:
+            self._counter.read_bytes += len(data)
+        return data
 
 
 class BaseModelCache:
@@ -117,6 +139,18 @@ def _read_files(
         raise ContributionRejected(site, RejectReason.UNREADABLE, str(exc)) from None
 
 
+def _open_files(
+    storage: CountingStorage, site: str, prefix: str, manifest: ContributionManifest
+) -> tuple[ByteRange, ByteRange]:
+    try:
+        return (
+            storage.open_range(join(prefix, manifest.delta.name or DELTA_FILE)),
+            storage.open_range(join(prefix, manifest.decoder.name or DECODER_FILE)),
+        )
+    except NotFound as exc:
+        raise ContributionRejected(site, RejectReason.UNREADABLE, str(exc)) from None
+
+
 def verify_site(
     storage: CountingStorage, base: GlobalModel, round_number: int, site: str, prefix: str
 ) -> SiteVerified | SiteRejected:
@@ -147,6 +181,8 @@ def aggregate_round(
             site=site,
             read_manifest=lambda: _read_manifest(storage, site, prefix),
             read_files=lambda m: _read_files(storage, site, prefix, m),
+            # Tensor by tensor with Range GETs: the operator's memory stays ~2 models (streaming.py).
+            open_files=lambda m: _open_files(storage, site, prefix, m),
         )
 
     try:

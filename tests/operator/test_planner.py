@@ -353,7 +353,7 @@ CASES = [
         ),
         round=round_view(followUpRounds=2),
         phase=Phase.SUCCEEDED,
-        actions=("ReportSiteTasks", "CreateRound"),
+        actions=("CreateRound", "ReportSiteTasks"),  # the next round first: its sites train meanwhile
     ),
     Case(
         "succeeded: nothing left to do once reported and chained",

@@ -129,36 +129,33 @@ def _pilot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "(chosen on validation), fallback (two tracks, the better on validation deployed)",
     )
     p.add_argument(
-        "--min-steps",
+        "--steps",
         type=int,
-        help="every site trains at least this many steps a round, overriding the method's (auto: 20)",
+        help="optimizer steps per site, the same for every method, Local included (both tracks of a "
+        "two-track site counted); a multiple of --rounds, each round steps/rounds long (default 600)",
     )
     p.add_argument(
         "--shared-steps",
         type=int,
         help="a two-track site (fallback, auto) trains its shared track at most this many steps a round "
-        "(default: as many as its task track)",
+        "(default: half the round; auto: 20), the rest of the round goes to its task track",
     )
     p.add_argument("--epochs", type=int, help="local epochs per round (default 1)")
     p.add_argument("--batch-size", type=int, help="batch size (default 32)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     p.add_argument("--test-samples", type=int, help="Fashion-MNIST test images scored per task (default 2000)")
     p.add_argument(
-        "--local-min-steps",
-        type=int,
-        help="Local trains at least this many steps per site, and never fewer than any federated method (default 1000)",
-    )
-    p.add_argument(
-        "--local-budget",
-        choices=["model", "site"],
-        help="for two-track methods (auto, fallback), match Local's steps to all the steps the site trains "
-        "(site, default: the core fairness rule, steps per site) or only to the deployed model's (model)",
-    )
-    p.add_argument(
         "--select-ties",
         choices=["latest", "earliest"],
         help="of the rounds tied for a site's best validation score, report the latest (default: the most "
         "trained) or the earliest (the rule of the results measured before 2026-11-26)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes that train a round's sites side by side (default: one per CPU core, at most one "
+        "per site; 0: one after the other in this process); the numbers do not depend on it",
     )
     p.add_argument("--out", type=Path, default=Path("runs/pilot"), help="output directory (default runs/pilot)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -180,8 +177,7 @@ def config_from_args(args: argparse.Namespace) -> PilotConfig:
         ("batch_size", args.batch_size),
         ("learning_rate", args.lr),
         ("test_samples", args.test_samples),
-        ("local_min_steps", args.local_min_steps),
-        ("local_budget", args.local_budget),
+        ("steps", args.steps),
         ("select_ties", args.select_ties),
     ):
         if value is not None:
@@ -214,8 +210,6 @@ def config_from_args(args: argparse.Namespace) -> PilotConfig:
         overrides["level2_rule"] = Level2Rule(args.level2_rule)
     if args.site_strategy:
         overrides["site_strategy"] = SiteStrategy(args.site_strategy)
-    if args.min_steps is not None:
-        overrides["min_steps"] = args.min_steps
     if args.shared_steps is not None:
         overrides["shared_steps"] = args.shared_steps
     if args.cagrad_c is not None:
@@ -239,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mfed.rounds.site_round import INPUT_ERRORS, BadInput
 
     try:
-        results = run_pilot(config, args.out, show_progress=not args.no_progress)
+        results = run_pilot(config, args.out, show_progress=not args.no_progress, workers=args.workers)
     except (*INPUT_ERRORS, BadInput) as exc:  # a plugin, architecture or task that does not fit
         print(f"mfed pilot: error: {exc}", file=sys.stderr)
         return 2

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
-from mfed.methods import Method
+from mfed.methods import Method, MethodPlan, plan_method
 from mfed.spec import ArchSpec, Regularizer, SharingPolicy, SiteStrategy, TaskSpec
 
 # The four Fashion-MNIST tasks of MFED.md.
@@ -47,17 +47,14 @@ class PilotConfig:
     # Cross-task strategy overrides for M-Fed and its presets (None: each preset's own choice).
     level2_rule: Level2Rule | None = None
     site_strategy: SiteStrategy | None = None
-    min_steps: int | None = None
+    # The compute budget: optimizer steps per site, the same for every method, Local included
+    # (a two-track site counts both tracks). Each round is steps // rounds long; 600 = 30 rounds
+    # of 20 steps, where the default scenario's curves have flattened (docs/results.md).
+    steps: int = 600
     shared_steps: int | None = None
     cagrad_c: float = 0.4
     val_fraction: float = 0.2
     test_samples: int = 2000
-    local_min_steps: int = 1000
-    # What "Local gets at least the steps of any federated method" counts for a site that trains
-    # two models a round (fallback, auto): "site" = all its optimizer steps (default: the core
-    # fairness rule counts steps per site, so Local may spend the whole compute on one model),
-    # "model" = only the steps of the model it deploys (half as many; the lenient reading).
-    local_budget: str = "site"
     # Which of the rounds tied for the best validation score a site reports: "latest" (default),
     # the most trained one, or "earliest" (the rule of the tables measured before 2026-11-26). On
     # 10 validation images accuracy moves in steps of 10 points and ties are the rule: "earliest"
@@ -89,14 +86,20 @@ class PilotConfig:
             raise PilotConfigError("--seeds needs at least one seed")
         if Method.LOCAL not in self.methods:
             raise PilotConfigError("the Local baseline is required: dm% is measured against it")
-        if self.local_min_steps < 0:
-            raise PilotConfigError("--local-min-steps must be 0 or more")
-        if self.local_budget not in ("model", "site"):
-            raise PilotConfigError(f"--local-budget is {self.local_budget!r}: use model or site")
         if self.select_ties not in ("latest", "earliest"):
             raise PilotConfigError(f"--select-ties is {self.select_ties!r}: use latest or earliest")
-        if self.min_steps is not None and self.min_steps < 0:
-            raise PilotConfigError("--min-steps must be 0 or more")
+        if self.steps % self.rounds:
+            near = max(1, round(self.steps / self.rounds)) * self.rounds
+            raise PilotConfigError(
+                f"--steps {self.steps} is not a multiple of --rounds {self.rounds}: every round must be "
+                f"equally long; choose e.g. --steps {near}"
+            )
+        two_track = [m for m in self.methods if self.plan(m).tracks == 2]
+        if self.round_steps < (2 if two_track else 1):
+            raise PilotConfigError(
+                f"--steps {self.steps} over {self.rounds} rounds leaves {self.round_steps} steps a round: "
+                + ("a two-track method needs at least 2 (one per track)" if two_track else "need at least 1")
+            )
         if self.shared_steps is not None and self.shared_steps < 1:
             raise PilotConfigError("--shared-steps must be at least 1")
 
@@ -108,6 +111,37 @@ class PilotConfig:
 
     def samples_for(self, task: str) -> int:
         return self.task_samples.get(task, self.samples_per_site)
+
+    @property
+    def round_steps(self) -> int:
+        """Optimizer steps a site takes each round, whatever the method: the budget over the rounds."""
+        return self.steps // self.rounds
+
+    def plan(self, method: Method) -> MethodPlan:
+        """The method's plan, its own minimum steps replaced by the budget's round length."""
+        plan = plan_method(
+            method,
+            sharing=self.sharing,
+            mu=self.mu,
+            regularizer=self.regularizer,
+            level2_weighting=self.level2_weighting,
+            level2_rule=self.level2_rule,
+            site_strategy=self.site_strategy,
+            min_steps=self.round_steps,
+            cagrad_c=self.cagrad_c,
+            shared_steps=self.shared_steps,
+        )
+        return replace(plan, min_steps=self.round_steps)  # Local's plan too: it trains the same rounds
+
+    def track_steps(self, method: Method) -> tuple[int, int | None]:
+        """(task-track steps, shared-track steps or None) a site of `method` trains each round;
+        they add up to round_steps. A two-track site gives its shared track at most its cap
+        (auto: 20) and at most half the round, the rest to the model it deploys."""
+        plan = self.plan(method)
+        if plan.tracks == 1:
+            return self.round_steps, None
+        cap = self.round_steps // 2 if plan.shared_steps is None else min(plan.shared_steps, self.round_steps // 2)
+        return self.round_steps - cap, cap
 
     @property
     def site_count(self) -> int:
@@ -131,13 +165,12 @@ class PilotConfig:
             "level2_weighting": self.level2_weighting.value,
             "level2_rule": None if self.level2_rule is None else self.level2_rule.value,
             "site_strategy": None if self.site_strategy is None else self.site_strategy.value,
-            "min_steps": self.min_steps,
+            "steps": self.steps,
+            "round_steps": self.round_steps,
             "shared_steps": self.shared_steps,
             "cagrad_c": self.cagrad_c,
             "val_fraction": self.val_fraction,
             "test_samples": self.test_samples,
-            "local_min_steps": self.local_min_steps,
-            "local_budget": self.local_budget,
             "select_ties": self.select_ties,
             "device": self.device,
             "delta_dtype": self.delta_dtype,
@@ -159,7 +192,7 @@ QUICK: dict[str, Any] = {
     "sites_per_task": 1,
     "samples_per_site": 64,
     "test_samples": 200,
-    "local_min_steps": 0,
+    "steps": 8,
 }
 SCENARIOS: dict[str, dict[str, Any]] = {
     # MFED.md's equal-data benchmark: 4 tasks x 2 sites, 300 images each.

@@ -128,6 +128,8 @@ def summarize(
             "delta_m": statistics.fmean(dm_per_seed.values()),
             "delta_m_per_seed": {str(s): v for s, v in dm_per_seed.items()},
             "steps_per_site": max(max(r.steps_per_site.values()) for r in seeds.values()),
+            # What each site trained, as its trainer reported it: equal across methods by design.
+            "site_steps": {str(s): dict(sorted(r.steps_per_site.items())) for s, r in sorted(seeds.items())},
             "selected": {
                 str(s): {
                     site: {

@@ -4,19 +4,28 @@ Sites, rounds and the global model go through the same code a Kubernetes deploym
 (`run_site_round` writes safetensors + manifests; `aggregate` streams and validates them),
 only with a local directory instead of S3 and in-process calls instead of Jobs.
 
-Fairness (MFED.md): Local gets at least as many optimizer steps per site as any federated
-method (`local_min_steps` more if that is larger), and every method's reported model per site
-is the round with the best score on that site's own validation split, never the test set.
+Fairness (MFED.md): every method, Local included, trains the same optimizer steps per site
+(`PilotConfig.steps`, both tracks of a two-track site counted) in rounds of the same length, and
+every method's reported model per site is the round with the best score on that site's own
+validation split, never the test set.
+
+The sites of a round are independent: a `SitePool` trains and scores them in worker processes.
+Each site round is seeded from its spec alone and every worker runs one torch thread, so the
+numbers do not depend on how many workers there are.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 from mfed.aggregation.fedavg import ContributionSource, aggregate
 from mfed.artifacts.layout import DECODER_FILE, MANIFEST_FILE, global_prefix, join, round_prefix, site_prefix
@@ -24,8 +33,7 @@ from mfed.artifacts.manifest import ContributionManifest
 from mfed.learning.data import SiteData
 from mfed.learning.encoders import build_encoder, input_spec_of
 from mfed.learning.tasks import build_task
-from mfed.learning.train import planned_steps, shared_track_steps
-from mfed.methods import Method, MethodPlan, plan_method
+from mfed.methods import Method, MethodPlan
 from mfed.model_store import read_global_model, write_global_model
 from mfed.pilot.config import PilotConfig
 from mfed.rounds.initial import init_global_model
@@ -35,6 +43,7 @@ from mfed.spec import ArchSpec, DataSpec, InitSpec, RoundSpec, TaskGroupSpec, Ta
 from mfed.storage import Storage
 
 SiteRoundCallback = Callable[[], None]
+T = TypeVar("T")
 FASHION_MNIST_TRAIN = 60000
 
 
@@ -107,66 +116,13 @@ def pilot_sites(config: PilotConfig, seed: int) -> list[PilotSite]:
 
 
 def steps_per_round(config: PilotConfig, samples: int) -> int:
+    """Steps of one epoch over a site's training split (a round may be shorter or longer)."""
     train = samples - max(1, round(samples * config.val_fraction))
     return config.epochs * -(-train // config.batch_size)
 
 
 def plan_for(config: PilotConfig, method: Method) -> MethodPlan:
-    plan = _plan(config, method)
-    return replace(plan, min_steps=local_round_steps(config)) if method is Method.LOCAL else plan
-
-
-def local_round_steps(config: PilotConfig) -> int:
-    """Local trains in rounds at least as long as the longest minimum of the run's federated
-    methods: a 40-image Local site would otherwise make 2-step rounds, its optimizer state reset
-    every 2 steps, a handicap no federated site with 20-step rounds has."""
-    plans = [_plan(config, m) for m in config.methods]
-    return max((p.min_steps for p in plans if p.federated), default=0)
-
-
-def _plan(config: PilotConfig, method: Method) -> MethodPlan:
-    return plan_method(
-        method,
-        sharing=config.sharing,
-        mu=config.mu,
-        regularizer=config.regularizer,
-        level2_weighting=config.level2_weighting,
-        level2_rule=config.level2_rule,
-        site_strategy=config.site_strategy,
-        min_steps=config.min_steps,
-        cagrad_c=config.cagrad_c,
-        shared_steps=config.shared_steps,
-    )
-
-
-def federated_steps(config: PilotConfig, samples: int) -> int:
-    """The most optimizer steps any federated method of the run gives a site of this size:
-    rounds x steps per round (raised by min_steps), per deployed model, or, with
-    `local_budget` "site", for all the models the site trains (a two-track site's shared track
-    too, capped by shared_steps)."""
-    train = samples - max(1, round(samples * config.val_fraction))
-    most = 0
-    for method in config.methods:
-        plan = _plan(config, method)
-        if plan.federated:
-            per_round = planned_steps(
-                train, epochs=config.epochs, batch_size=config.batch_size, min_steps=plan.min_steps
-            )
-            if config.local_budget == "site" and plan.tracks == 2:
-                per_round += shared_track_steps(per_round, plan.shared_steps)
-            most = max(most, config.rounds * per_round)
-    return most
-
-
-def local_rounds(config: PilotConfig, samples: int) -> int:
-    """Rounds (of `epochs` each) a Local site trains: never fewer steps than a federated site of
-    the same size gets (federated_steps), and at least `local_min_steps`."""
-    budget = max(config.local_min_steps, federated_steps(config, samples))
-    train = samples - max(1, round(samples * config.val_fraction))
-    per_round = planned_steps(
-        train, epochs=config.epochs, batch_size=config.batch_size, min_steps=local_round_steps(config)
-    )
-    return max(config.rounds, -(-budget // per_round))
+    return config.plan(method)
 
 
 def curve_checkpoints(rounds: int, points: int) -> dict[int, int]:
@@ -193,6 +149,7 @@ class Federation:
         self.plan, self.config, self.seed, self.data = plan, config, seed, data
         self.root, self.name = str(root), name
         self.storage = Storage()
+        task_steps, shared_steps = config.track_steps(plan.method)
         self.training = TrainingSpec(
             epochs=config.epochs,
             batch_size=config.batch_size,
@@ -204,9 +161,11 @@ class Federation:
             device=config.device,
             delta_dtype=config.delta_dtype,
             val_fraction=config.val_fraction,
-            min_steps=plan.min_steps,
+            # Exactly the budget's round length, whatever the site's size: epochs only cap nothing.
+            min_steps=task_steps,
+            max_steps=task_steps,
             site_strategy=plan.site_strategy,
-            shared_steps=plan.shared_steps,
+            shared_steps=shared_steps,
         )
 
     def _prefix(self, round_number: int) -> str:
@@ -254,15 +213,11 @@ class Federation:
             ),
         )
 
-    def run_round(self, round_number: int, on_site_round: SiteRoundCallback) -> int:
-        """Train every site and aggregate; returns the optimizer steps each site took."""
-        steps = 0
-        for site in self.sites:
-            # The trainer gets no test data: model selection must never see it.
-            data = replace(self.data[site.name], test=None)
-            result = run_site_round(self.spec(site, round_number), self.storage, data=data)
-            steps = max(steps, int(result.manifest.metrics["steps"]))
-            on_site_round()
+    def train_specs(self, round_number: int) -> list[tuple[PilotSite, RoundSpec]]:
+        return [(site, self.spec(site, round_number)) for site in self.sites]
+
+    def aggregate(self, round_number: int) -> None:
+        """Aggregate the sites' contributions of `round_number` into the next global model."""
         base = read_global_model(self.storage, self.spec(self.sites[0], round_number).global_model)
         aggregated = aggregate(
             base.manifest,
@@ -278,13 +233,10 @@ class Federation:
         )
         if round_number >= 2:  # keep the directory small: the previous round's files are no longer read
             shutil.rmtree(self._prefix(round_number - 1), ignore_errors=True)
-        return steps
 
-    def score(self, site: PilotSite, round_number: int, want_test: Callable[[float], bool]) -> dict[str, float]:
-        """Score the model the site would start the next round from (global encoder + its decoder)."""
-        return evaluate_start(
-            self.spec(site, round_number + 1), self.storage, self.data[site.name], want_test=want_test
-        )
+    def score_spec(self, site: PilotSite, round_number: int) -> RoundSpec:
+        """The spec of the model the site would start the next round from (global encoder + its decoder)."""
+        return self.spec(site, round_number + 1)
 
     def _best(self, site: PilotSite) -> str:
         return join(self.root, self.name, "best", site.name)
@@ -338,6 +290,64 @@ def _select(
     return True
 
 
+def _train_site(spec: RoundSpec, data: SiteData) -> int:
+    """One site round in a worker; returns the optimizer steps it took (both tracks)."""
+    result = run_site_round(spec, Storage(), data=data)
+    return int(result.manifest.metrics["steps"])
+
+
+def _score_site(spec: RoundSpec, data: SiteData, want_test: bool) -> dict[str, float]:
+    return evaluate_start(spec, Storage(), data, want_test=_constantly(want_test))
+
+
+def _init_worker() -> None:
+    import torch
+
+    # One thread per worker: the workers are the parallelism, and a fixed thread count keeps
+    # the kernels' reduction order, hence the numbers, the same for any number of workers.
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+class SitePool:
+    """Runs site rounds and scorings in `workers` spawned processes (0: in this process, one
+    after the other, the loop the pilot had before it used more than one core)."""
+
+    def __init__(self, workers: int) -> None:
+        if workers < 0:
+            raise ValueError("--workers must be 0 or more")
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+        if workers:
+            self._executor = ProcessPoolExecutor(
+                max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+            )
+
+    def __enter__(self) -> SitePool:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(cancel_futures=True)
+
+    def map(self, fn: Callable[..., T], calls: Sequence[tuple[object, ...]], on_done: SiteRoundCallback) -> list[T]:
+        """fn(*args) for every args in `calls`, results in the order of `calls`."""
+        if self._executor is None:
+            results = []
+            for args in calls:
+                results.append(fn(*args))
+                on_done()
+            return results
+        futures = [self._executor.submit(fn, *args) for args in calls]
+        for _ in as_completed(futures):
+            on_done()
+        return [f.result() for f in futures]
+
+
+def _nothing() -> None:
+    pass
+
+
 def run_method(
     method: Method,
     config: PilotConfig,
@@ -345,48 +355,71 @@ def run_method(
     data: dict[str, SiteData],
     higher_is_better: dict[str, bool],
     on_site_round: SiteRoundCallback,
+    pool: SitePool | None = None,
+) -> MethodRun:
+    with SitePool(0) if pool is None else nullcontext(pool) as sites_pool:
+        return _run_method(method, config, seed, data, higher_is_better, on_site_round, sites_pool)
+
+
+def _run_method(
+    method: Method,
+    config: PilotConfig,
+    seed: int,
+    data: dict[str, SiteData],
+    higher_is_better: dict[str, bool],
+    on_site_round: SiteRoundCallback,
+    pool: SitePool,
 ) -> MethodRun:
     plan = plan_for(config, method)
     sites = pilot_sites(config, seed)
     run = MethodRun(method=method, seed=seed)
-    # Local: each site is a federation of one, trained for its Local budget.
+    # Local: each site is a federation of one; all of them run their rounds side by side.
     groups = [[s] for s in sites] if not plan.federated else [sites]
     points: dict[int, CurvePoint] = {}
+    # The trainer gets no test data: model selection must never see it.
+    train_data = {name: replace(d, test=None) for name, d in data.items()}
     with tempfile.TemporaryDirectory(prefix=f"mfed-pilot-{method.value}-") as tmp:
+        federations = []
         for group in groups:
             name = f"{method.value.replace('_', '-')}-{group[0].name if len(group) == 1 else 'all'}"
             federation = Federation(
                 sites=group, plan=plan, config=config, seed=seed, data=data, root=Path(tmp), name=name
             )
             federation.initialise()
-            rounds = config.rounds if plan.federated else local_rounds(config, group[0].data.samples or 0)
-            # Test data is scored only at curve checkpoints (it is the costly part); a model selected
-            # between checkpoints is kept on disk and scored once at the end.
-            checkpoints = curve_checkpoints(rounds, config.rounds)
-            total_steps = 0
-            for r in range(1, rounds + 1):
-                total_steps += federation.run_round(r, on_site_round)
-                index = checkpoints.get(r)
-                for site in group:
-                    scores = federation.score(site, r, want_test=_constantly(index is not None))
-                    if (
-                        _select(
-                            run, site.name, r, total_steps, scores, higher_is_better[site.task.name], config.select_ties
-                        )
-                        and index is None
-                    ):
-                        federation.keep_best(site, r)
-                    run.steps_per_site[site.name] = total_steps
-                    if index is not None:
-                        point = points.setdefault(index, CurvePoint(index=index, steps={}, test={}))
-                        point.steps[site.name] = total_steps
-                        point.test[site.name] = scores["test"]
-                        if "test_shared_track" in scores:
-                            point.tracks[site.name] = {
-                                "task": scores["test_task_track"],
-                                "shared": scores["test_shared_track"],
-                            }
-            for site in group:
+            federations.append(federation)
+        # Test data is scored only at curve checkpoints (it is the costly part); a model selected
+        # between checkpoints is kept on disk and scored once at the end.
+        checkpoints = curve_checkpoints(config.rounds, config.rounds)
+        for r in range(1, config.rounds + 1):
+            trained = [(f, site, spec) for f in federations for site, spec in f.train_specs(r)]
+            steps = pool.map(_train_site, [(spec, train_data[site.name]) for _, site, spec in trained], on_site_round)
+            for (_, site, _), taken in zip(trained, steps, strict=True):
+                run.steps_per_site[site.name] = run.steps_per_site.get(site.name, 0) + taken
+            for federation in federations:
+                federation.aggregate(r)
+            index = checkpoints.get(r)
+            scored = [(f, site) for f in federations for site in f.sites]
+            all_scores = pool.map(
+                _score_site,
+                [(f.score_spec(site, r), data[site.name], index is not None) for f, site in scored],
+                _nothing,
+            )
+            for (federation, site), scores in zip(scored, all_scores, strict=True):
+                total_steps = run.steps_per_site[site.name]
+                better = higher_is_better[site.task.name]
+                if _select(run, site.name, r, total_steps, scores, better, config.select_ties) and index is None:
+                    federation.keep_best(site, r)
+                if index is not None:
+                    point = points.setdefault(index, CurvePoint(index=index, steps={}, test={}))
+                    point.steps[site.name] = total_steps
+                    point.test[site.name] = scores["test"]
+                    if "test_shared_track" in scores:
+                        point.tracks[site.name] = {
+                            "task": scores["test_task_track"],
+                            "shared": scores["test_shared_track"],
+                        }
+        for federation in federations:
+            for site in federation.sites:
                 if math.isnan(run.sites[site.name].test):
                     run.sites[site.name].test = federation.score_best(site)["test"]
     run.curve = [points[k] for k in sorted(points)]
@@ -409,10 +442,5 @@ def higher_is_better(config: PilotConfig) -> dict[str, bool]:
 
 
 def total_site_rounds(config: PilotConfig) -> int:
-    per_seed = 0
-    for method in config.methods:
-        for task in config.tasks:
-            samples = config.samples_for(task)
-            rounds = local_rounds(config, samples) if method is Method.LOCAL else config.rounds
-            per_seed += rounds * config.sites_per_task
-    return per_seed * len(config.seeds)
+    """Site rounds of the whole run: every method trains every site for `rounds` rounds."""
+    return config.rounds * config.site_count * len(config.methods) * len(config.seeds)

@@ -17,7 +17,6 @@ from mfed.pilot.runner import (
     SiteSelection,
     _select,
     curve_checkpoints,
-    local_rounds,
     pilot_sites,
     steps_per_round,
 )
@@ -36,20 +35,59 @@ def test_quick_pilot_runs_every_method_and_writes_table_json_and_plot(tmp_path, 
     assert results["methods"]["local"]["delta_m"] == 0.0
     assert results["config"]["rounds"] == 2
     assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # Fairness, measured: Local never trains fewer steps per site than any federated method.
-    local_steps = results["methods"]["local"]["steps_per_site"]
-    assert all(local_steps >= m["steps_per_site"] for m in results["methods"].values())
+    # Fairness, measured from what the trainer reported: every site of every method, Local
+    # included, trained the budget's steps (--quick: 8), and the table says so for each method.
+    budget = results["config"]["steps"]
+    assert budget == 8
+    for method in results["methods"].values():
+        assert method["steps_per_site"] == budget
+        for sites in method["site_steps"].values():
+            assert sites and set(sites.values()) == {budget}, method["label"]
+    table_rows = [line for line in printed.splitlines() if line.startswith(("Local", "Task-", "Encoder-", "M-Fed"))]
+    assert len(table_rows) >= 4 and all(row.split()[-1] == "8" for row in table_rows[:4])
 
 
-def test_local_budget_covers_every_federated_method_and_the_minimum():
-    config = PilotConfig(rounds=30, samples_per_site=300, local_min_steps=1000)
-    per_round = steps_per_round(config, 300)
-    assert per_round == 8  # 240 training images in batches of 32
-    assert local_rounds(config, 300) * per_round >= max(1000, 30 * per_round)
-    assert steps_per_round(config, 50) == 2 and local_rounds(config, 50) == 500
-    assert local_rounds(config, 3000) == 30  # a large site already has 2250 steps in 30 rounds
-    no_minimum = PilotConfig(rounds=30, local_min_steps=0)
-    assert local_rounds(no_minimum, 50) == 30  # never fewer rounds than the federated methods
+def test_the_budget_gives_every_method_rounds_of_the_same_length():
+    config = PilotConfig()  # 600 steps over 30 rounds
+    assert config.round_steps == 20 and steps_per_round(config, 300) == 8  # not one epoch of 240 images
+    for method in (Method.LOCAL, Method.TASK_FEDAVG, Method.ENCODER_FEDAVG, Method.MFED):
+        assert config.track_steps(method) == (20, None)
+    # Two tracks share the round: the shared one gets at most half (auto: at most its cap of 20).
+    assert config.track_steps(Method.AUTO) == (10, 10) and config.track_steps(Method.FALLBACK) == (10, 10)
+    long = PilotConfig(steps=1500)  # 50 steps a round
+    assert long.track_steps(Method.AUTO) == (30, 20) and long.track_steps(Method.FALLBACK) == (25, 25)
+    assert PilotConfig(steps=1500, shared_steps=5).track_steps(Method.FALLBACK) == (45, 5)
+    odd = PilotConfig(steps=33, rounds=3, methods=(Method.LOCAL, Method.FALLBACK))  # 11 a round
+    assert odd.track_steps(Method.FALLBACK) == (6, 5)
+
+
+def test_a_budget_that_does_not_split_into_equal_rounds_is_refused_with_the_fix():
+    with pytest.raises(PilotConfigError, match=r"--steps 610 is not a multiple of --rounds 30.*--steps 600"):
+        PilotConfig(steps=610)
+    with pytest.raises(PilotConfigError, match="two-track method needs at least 2"):
+        PilotConfig(steps=30, methods=(Method.LOCAL, Method.AUTO))
+    assert PilotConfig(steps=30).round_steps == 1  # one track: one step a round is enough
+
+
+def test_the_numbers_do_not_depend_on_how_many_workers_train_the_sites(tmp_path):
+    from mfed.pilot import run_pilot
+
+    config = replace(
+        PilotConfig(),
+        rounds=2,
+        steps=6,
+        sites_per_task=1,
+        samples_per_site=48,
+        test_samples=64,
+        tasks=("cls10", "denoise"),
+        methods=(Method.LOCAL, Method.MFED),
+    )
+    one = run_pilot(config, tmp_path / "one", show_progress=False, workers=1)
+    two = run_pilot(config, tmp_path / "two", show_progress=False, workers=2)
+    for results in (one, two):
+        results.pop("seconds"), results.pop("table")
+    assert one == two
+    assert one["methods"]["mfed"]["site_steps"] == {"0": {"cls10-0": 6, "denoise-0": 6}}
 
 
 def test_curve_checkpoints_spread_evenly_and_end_on_the_last_round():
@@ -141,5 +179,7 @@ def test_pilot_help_lists_the_options(capsys):
         "--shared-layers",
         "--quick",
         "--scenario",
+        "--steps",
+        "--workers",
     ):
         assert option in text

@@ -11,7 +11,7 @@ from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
 from mfed.cli import _pilot_parser, config_from_args, main
 from mfed.methods import AUTO_MIN_STEPS, Method, plan_method
 from mfed.pilot.config import SCENARIOS, PilotConfig
-from mfed.pilot.runner import federated_steps, local_rounds, plan_for
+from mfed.pilot.runner import plan_for
 from mfed.spec import Regularizer, SharingMode, SharingPolicy, SiteStrategy
 
 
@@ -63,24 +63,12 @@ def test_method_names_parse_with_dashes_and_unknown_names_list_the_choices():
         Method.parse("magic")
 
 
-def test_local_budget_covers_the_deployed_models_steps_or_every_step_of_a_two_track_site():
-    # Scarce: a 50-image site has 40 training images: 2 steps an epoch, raised to 20 by auto's
-    # minimum, so 30 x 20 = 600 steps per model; Local's 1000-step floor is larger. Local trains in
-    # rounds of at least auto's 20 steps too (its optimizer is not reset every 2 steps): 50 rounds.
-    # Counting both tracks (1200 steps) gives Local 60 rounds. A 3000-image site: 75 steps a round,
-    # 2250 for the deployed model (30 rounds of Local); its shared track is capped at auto's 20
-    # steps a round, so the site trains 30 x 95 = 2850 steps (38 Local rounds); uncapped, 4500.
-    scarce = PilotConfig(**SCENARIOS["scarce"], methods=(Method.LOCAL, Method.AUTO), local_budget="model")
-    assert federated_steps(scarce, 50) == 600 and local_rounds(scarce, 50) == 50
-    assert plan_for(scarce, Method.LOCAL).min_steps == 20
-    assert federated_steps(scarce, 3000) == 2250 and local_rounds(scarce, 3000) == 30
-    strict = PilotConfig(**SCENARIOS["scarce"], methods=(Method.LOCAL, Method.AUTO))  # the default
-    assert federated_steps(strict, 50) == 1200 and local_rounds(strict, 50) == 60
-    assert federated_steps(strict, 3000) == 30 * (75 + 20) and local_rounds(strict, 3000) == 38
-    uncapped = PilotConfig(**SCENARIOS["scarce"], methods=(Method.LOCAL, Method.AUTO), shared_steps=10_000)
-    assert federated_steps(uncapped, 3000) == 4500 and local_rounds(uncapped, 3000) == 60
-    # without a minimum in the run, Local keeps the site's natural rounds (the default pilot)
-    assert plan_for(PilotConfig(), Method.LOCAL).min_steps == 0
+def test_the_scarce_scenario_gives_small_and_large_sites_the_same_steps():
+    # A 50-image site (2 steps an epoch) and a 3000-image one (75) both train 20 steps a round:
+    # auto's two tracks 10 + 10 (its shared-track cap of 20 is more than half the round).
+    scarce = PilotConfig(**SCENARIOS["scarce"], methods=(Method.LOCAL, Method.AUTO))
+    assert scarce.track_steps(Method.LOCAL) == (20, None) and scarce.track_steps(Method.AUTO) == (10, 10)
+    assert plan_for(scarce, Method.LOCAL).min_steps == 20 == plan_for(scarce, Method.AUTO).min_steps
 
 
 def _config(*argv: str) -> PilotConfig:
@@ -94,31 +82,28 @@ def test_pilot_flags_reach_the_configuration():
         "--methods=local,mfed",
         "--level2-rule=gated",
         "--site-strategy=mix",
-        "--min-steps=7",
+        "--rounds=10",
+        "--steps=70",
         "--cagrad-c=0.2",
         "--shared-layers=1+task",
-        "--local-budget=model",
         "--shared-steps=4",
         "--select-ties=earliest",
     )
-    assert (config.level2_rule, config.site_strategy, config.min_steps, config.cagrad_c) == (
+    assert (config.level2_rule, config.site_strategy, config.round_steps, config.cagrad_c) == (
         Level2Rule.GATED,
         SiteStrategy.MIX,
         7,
         0.2,
     )
     assert config.sharing == SharingPolicy(mode=SharingMode.DEPTH, depth=1, task_level=True)
-    assert config.local_budget == "model" and config.shared_steps == 4 and config.select_ties == "earliest"
-    assert _config().level2_rule is None and _config().local_budget == "site"  # presets decide by default
+    assert config.shared_steps == 4 and config.select_ties == "earliest"
+    assert _config().level2_rule is None and _config().steps == 600  # presets decide by default
 
 
 def test_quick_pilot_of_auto_reports_each_sites_protection_choice(tmp_path, capsys):
-    # --min-steps 2 keeps the smoke test quick; the preset's own minimum is tested above.
+    # --quick: 8 steps over 2 rounds, auto's two tracks 2 + 2 a round.
     out = tmp_path / "auto"
-    assert (
-        main(["pilot", "--quick", "--methods", "local,auto", "--min-steps", "2", "--out", str(out), "--no-progress"])
-        == 0
-    )
+    assert main(["pilot", "--quick", "--methods", "local,auto", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "auto (recommended)" in printed and "selected models on the shared track" in printed
     results = json.loads((out / "results.json").read_text())
@@ -131,5 +116,6 @@ def test_quick_pilot_of_auto_reports_each_sites_protection_choice(tmp_path, caps
     # After the last round: the deployed models, and each track alone (both scored on test).
     assert set(auto["final_round"]) == {"deployed", "task", "shared"}
     assert "after the last round" in printed and "auto (recommended), task-level track" in printed
-    # Fairness: Local trains at least the steps of the model auto deploys (half of a two-track site's).
-    assert results["methods"]["local"]["steps_per_site"] >= auto["steps_per_site"] / 2
+    # Fairness: Local trains exactly the steps auto's sites train on both tracks together.
+    assert results["methods"]["local"]["site_steps"] == auto["site_steps"]
+    assert set(auto["site_steps"]["0"].values()) == {8}

@@ -128,13 +128,24 @@ def test_a_deleted_baseline_state_fails_the_site_with_its_reason_and_reports_no_
     # Round 2 of the same chain (the chain label is what a generated round carries).
     fr = next(o for o in objects if o["kind"] == "FederationRound")
     second = json.loads(json.dumps(fr))
-    second["metadata"] = {"name": "fashion-mnist-r2", "labels": {"mfed.dev/chain": "fashion-mnist"}}
+    second["metadata"] = {
+        **{k: v for k, v in fr["metadata"].items() if k in ("namespace",)},
+        "name": "fashion-mnist-r2",
+        "labels": {"mfed.dev/chain": "fashion-mnist"},
+    }
     second["spec"].update(round=2, initialModel={"fromRound": "fashion-mnist"})
+    second["spec"]["aggregation"]["minSites"] = 3  # the other three still make the round
     cluster.apply(second)
     status = cluster.wait_phase("fashion-mnist-r2", "Succeeded", "Failed", timeout=200)
-    assert status["phase"] == "Failed", status
+    assert status["phase"] == "Succeeded", status
     sites = {s["site"]: s for s in status["sites"]}
-    assert sites["cls10-a"]["phase"] == "Failed"
-    assert "Local baseline state of round 1" in sites["cls10-a"].get("message", ""), sites["cls10-a"]
-    assert "is missing" in sites["cls10-a"]["message"]
-    assert "baselines" not in status and "dmLocal" not in status.get("summary", {})
+    assert sites["cls10-a"]["phase"] == "Failed", sites["cls10-a"]
+    # exit code 2 is bad input (no retry); the reason is in the trainer's log, which the status
+    # does not carry (the operator reads the Job's condition, not the pod's output)
+    assert "exit code 2" in sites["cls10-a"]["message"], sites["cls10-a"]
+    log = cluster.kubelet.logs(cluster.namespace, "fashion-mnist-r2-cls10-a")
+    assert "Local baseline state of round 1" in log and "is missing" in log, log
+    # The site without its baseline is in no number: cls10's comes from cls10-b alone.
+    local = status["baselines"]["local"]
+    assert local["tasks"]["cls10"]["sites"] == 1 and local["tasks"]["rot4"]["sites"] == 2
+    assert local["tasks"]["cls10"]["baseline"] == pytest.approx(sites["cls10-b"]["metrics"]["baseline_local"], abs=1e-6)

@@ -104,6 +104,11 @@ def test_the_status_reports_the_gain_over_local_that_the_artifacts_and_the_data_
     assert (local_status["steps"], local_status["bytesUploaded"]) == (steps, 0)
     assert status["summary"]["dmLocal"] == f"{local_status['dmPercent']:+.2f}"
 
+    # Each SiteTask shows its own gain of its last round.
+    for site in status["sites"]:
+        own = cluster.client.get("mfed.dev/v1alpha1", "sitetasks", cluster.namespace, site["site"]) or {}
+        assert own["status"]["lastMetrics"]["baseline_gain"] == pytest.approx(site["metrics"]["baseline_gain"])
+
     # The CRD's printer column `kubectl get fr` shows reads exactly that field.
     crd = yaml.safe_load((REPO / "crds" / "mfed.dev_federationrounds.yaml").read_text())
     columns = {c["name"]: c["jsonPath"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]}

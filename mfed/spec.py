@@ -389,6 +389,24 @@ class InitSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BaselineSpec:
+    """The site's Local baseline: where its state lives, and which round's state it continues.
+
+    `previous_round` None means this round starts the baseline from the round's base model."""
+
+    prefix: str
+    previous_round: int | None = None
+
+    @classmethod
+    def parse(cls, f: Fields) -> BaselineSpec:
+        f.reject_unknown(["prefix", "previousRound"])
+        return cls(prefix=f.str("prefix"), previous_round=f.opt_int("previousRound", minimum=1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prefix": self.prefix, "previousRound": self.previous_round}
+
+
+@dataclass(frozen=True, kw_only=True)
 class RoundSpec:
     """One site's work for one round."""
 
@@ -403,6 +421,12 @@ class RoundSpec:
     global_model: str  # prefix holding model.safetensors + manifest.json
     previous_decoder: str | None  # this site's decoder.safetensors from its last round, if any
     output: str  # prefix to write delta.safetensors, decoder.safetensors, manifest.json
+    local_baseline: BaselineSpec | None = None  # also train the site's Local baseline
+
+    def __post_init__(self) -> None:
+        previous = self.local_baseline.previous_round if self.local_baseline else None
+        if previous is not None and previous >= self.round:
+            raise SpecError("localBaseline.previousRound", f"is {previous}; it must be before round {self.round}")
 
     @classmethod
     def parse(cls, data: object) -> RoundSpec:
@@ -422,6 +446,7 @@ class RoundSpec:
                 "globalModel",
                 "previousDecoder",
                 "output",
+                "localBaseline",
             ]
         )
         _check_version(f)
@@ -438,6 +463,7 @@ class RoundSpec:
             global_model=f.str("globalModel"),
             previous_decoder=f.opt_str("previousDecoder"),
             output=f.str("output"),
+            local_baseline=BaselineSpec.parse(f.obj("localBaseline")) if f.has("localBaseline") else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -455,6 +481,7 @@ class RoundSpec:
             "globalModel": self.global_model,
             "previousDecoder": self.previous_decoder,
             "output": self.output,
+            **({"localBaseline": self.local_baseline.to_dict()} if self.local_baseline else {}),
         }
 
     def to_json(self) -> str:

@@ -34,7 +34,7 @@ from mfed.artifacts.tensorfile import (
     encode_tensors,
     sha256_hex,
 )
-from mfed.learning.data import DataError, SiteData, check_inputs, load_site_data
+from mfed.learning.data import DataError, SiteData, Split, check_inputs, load_site_data
 from mfed.learning.encoders import ArchError
 from mfed.learning.model import SiteModel, build_site_model, load_part, part_state, signature
 from mfed.learning.protection import prefers_shared
@@ -51,6 +51,7 @@ from mfed.learning.train import (
     train_local,
 )
 from mfed.model_store import GlobalModelError, read_global_manifest, read_global_model
+from mfed.rounds.baseline import BaselineStateMissing, train_and_store_local
 from mfed.rounds.start import StartError, StartState, assemble_start
 from mfed.seeding import derive_seed
 from mfed.spec import DataSpec, Regularizer, RoundSpec, SpecError
@@ -74,6 +75,7 @@ INPUT_ERRORS = (
     GlobalModelError,
     registry.PluginError,
     ShapeError,
+    BaselineStateMissing,
 )
 
 
@@ -270,6 +272,7 @@ def _run(
             progress=progress,
         )
 
+    baseline_start = copy.deepcopy(model) if spec.local_baseline is not None else None
     stats = train(model, seed)
     metrics["val_after"] = evaluate(model, task, data.val, device=device, seed=eval_seed)
     metrics.update(
@@ -296,6 +299,21 @@ def _run(
             metrics,
         )
         delta, decoder = delta | shared_delta, decoder | shared_decoder
+    if spec.local_baseline is not None and baseline_start is not None:
+        eval_split, eval_split_seed = _eval_split(data, spec)
+        metrics.update(
+            _local_baseline(
+                spec,
+                storage,
+                baseline_start,
+                # the model this site deploys after the round: for a two-track site the track
+                # that won on validation
+                state.shared.model if state.shared is not None and metrics.get("deploy_shared") else model,
+                lambda m, o: train(m, derive_seed(seed, "local"), o),
+                lambda m: evaluate(m, task, eval_split, device=device, seed=eval_split_seed),
+                -1.0 if not task.higher_is_better else 1.0,
+            )
+        )
     delta_dtype = StoredDtype.parse(spec.training.delta_dtype)
     delta_bytes = encode_tensors(delta, float_dtype=delta_dtype)
     decoder_bytes = encode_tensors(decoder)
@@ -357,3 +375,38 @@ def _train_shared_track(
     delta = {SHARED_TRACK + k: end[k] - track.start_encoder[k] for k in state.dual}
     decoder = {SHARED_TRACK + k: v for k, v in part_state(track.model, "decoder").items()}
     return delta, decoder
+
+
+def _eval_split(data: SiteData, spec: RoundSpec) -> tuple[Split, int]:
+    """The split both the federated and the Local model are scored on (test, else validation),
+    with its evaluation seed."""
+    if data.test is not None:
+        return data.test, derive_seed("test", spec.task.name)
+    return data.val, derive_seed("eval", spec.site)
+
+
+def _local_baseline(
+    spec: RoundSpec,
+    storage: Storage,
+    start: SiteModel,
+    federated: SiteModel,
+    train: Callable[[SiteModel, Objective], TrainStats],
+    score: Callable[[SiteModel], float],
+    sign: float,
+) -> dict[str, float]:
+    """Train the site's Local baseline for this round (the task track's step budget, no
+    regulariser: no global decoder to pull toward) and score it beside the federated model.
+
+    `baseline_gain` is the relative gain of the federated model in percent, positive when it is
+    better (`sign` is -1 for lower-is-better metrics)."""
+    assert spec.local_baseline is not None
+    result = train_and_store_local(spec.local_baseline, spec.round, start, storage, train)
+    fed, local = score(federated), score(result.model)
+    return {
+        "baseline_federated": fed,
+        "baseline_local": local,
+        "baseline_gain": sign * (fed - local) / abs(local) * 100.0 if local else 0.0,
+        "baseline_sign": sign,
+        "baseline_steps": float(result.stats.steps),
+        "baseline_seconds": result.stats.seconds,
+    }

@@ -134,7 +134,9 @@ CASES = [
     Case("level-2 rule added later", FR, _set("spec.aggregation.level2Rule", "cagrad"), "spec", "spec.aggregation.level2Rule is immutable once the round exists", _unchanged),
     Case("CAGrad radius changed", FR, _set("spec.aggregation.cagradC", 0.5), "spec", "spec.aggregation.cagradC is immutable", _set("spec.aggregation.cagradC", 0.4)),
     Case("gate threshold removed", FR, _unchanged, "spec", "spec.aggregation.gateThreshold is immutable", _set("spec.aggregation.gateThreshold", 0.1)),
+    Case("baselines changed", FR, _set("spec.evaluation", {"baselines": []}), "spec.evaluation", "spec.evaluation is immutable once the round exists", _set("spec.evaluation", {"baselines": ["local"]})),
     # FederationRound: schema
+    Case("typo'd baseline", FR, _set("spec.evaluation", {"baselines": ["locl"]}), "spec.evaluation.baselines[0]", "'locl' is not one of ['local']"),
     Case("no storage", FR, _drop("spec.storage"), "spec", "'storage' is a required property"),
     Case("typo'd method", FR, _set("spec.training.method", "fedprox"), "spec.training.method", "'fedprox' is not one of"),
     Case("negative follow-up rounds", FR, _set("spec.followUpRounds", -1), "spec.followUpRounds", "-1 is less than the minimum of 0"),

@@ -13,6 +13,7 @@ from mfed.artifacts.layout import join, round_prefix, site_prefix
 from mfed.methods import MethodPlan, plan_method
 from mfed.spec import (
     ArchSpec,
+    BaselineSpec,
     DataSource,
     DataSpec,
     InitSpec,
@@ -24,7 +25,7 @@ from mfed.spec import (
     TaskSpec,
     TrainingSpec,
 )
-from mfed_operator.domain.views import DataKind, ResourceError, RoundView, SiteTaskView
+from mfed_operator.domain.views import DataKind, InitialKind, ResourceError, RoundView, SiteTaskView
 
 PVC_MOUNT = "/var/run/mfed/data"
 DEFAULTS = TrainingSpec()
@@ -154,4 +155,15 @@ def round_spec(
         global_model=base_uri,
         previous_decoder=previous_decoder,
         output=site_output(r, site.name),
+        local_baseline=local_baseline(r, site.name, round_number) if "local" in r.baselines else None,
     )
+
+
+def local_baseline(r: RoundView, site: str, round_number: int) -> BaselineSpec:
+    """Where the site keeps its Local baseline for this chain: under the chain's root and the
+    site's own name, one file per round, outside every prefix the aggregator reads. A round that
+    starts from another round's model continues the previous round's baseline; any other round
+    starts it from its own base model (the same start the federation has)."""
+    prefix = join(r.storage.root, r.federation, r.chain_root, "baselines", site, "local")
+    continues = r.initial.kind is InitialKind.FROM_ROUND and round_number > 1
+    return BaselineSpec(prefix=prefix, previous_round=round_number - 1 if continues else None)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from mfed_operator.domain.baselines import LOCAL, dm_column, local_baseline_status
 from mfed_operator.domain.phases import Phase, SitePhase
 
 MAX_MESSAGE = 300
@@ -244,6 +245,7 @@ class RoundStatus:
             for task, info in sorted(self.tasks.items())
             if isinstance(info.get("metrics"), Mapping) and "val_after" in info["metrics"]
         )
+        local = local_baseline_status((s.task, s.samples or 0, s.metrics) for s in self.sites_in(SitePhase.ACCEPTED))
         return {
             "phase": self.phase.value,
             "observedGeneration": generation,
@@ -269,7 +271,9 @@ class RoundStatus:
                 "accepted": accepted,
                 "sites": f"{accepted}/{len(self.sites)}",
                 "metrics": metrics,
+                **({"dmLocal": dm_column(local)} if local else {}),
             },
+            "baselines": {LOCAL: local} if local else None,
             "retry": self.retry.to_dict() if self.retry else None,
             "nextRound": self.next_round,
             "siteTasksReported": self.sitetasks_reported or None,

@@ -295,6 +295,7 @@ class RoundView:
     initial: InitialModel
     follow_up_rounds: int
     digest: str  # of everything that must not change mid-round
+    baselines: tuple[str, ...] = ()  # spec.evaluation.baselines: what every site also trains alone
 
     @property
     def chain_root(self) -> str:
@@ -412,9 +413,23 @@ def parse_round(body: Mapping[str, Any]) -> RoundView:
             initial=_initial(spec.obj("initialModel")),
             follow_up_rounds=spec.int("followUpRounds", 0, minimum=0),
             digest=spec_digest(raw_spec),
+            baselines=_baselines(spec.obj("evaluation", required=False)),
         )
     except FieldError as exc:
         raise ResourceError(str(exc)) from None
+
+
+BASELINES = ("local",)
+
+
+def _baselines(f: Fields) -> tuple[str, ...]:
+    raw = f.str_list("baselines")
+    unknown = [b for b in raw if b not in BASELINES]
+    if unknown:
+        raise FieldError(
+            "spec.evaluation.baselines", f"{unknown[0]!r} is not a baseline; sites can train {', '.join(BASELINES)}"
+        )
+    return tuple(sorted(set(raw)))
 
 
 def _opt_float(f: Fields, name: str, *, minimum: float | None = None, maximum: float | None = None) -> float | None:

@@ -31,6 +31,8 @@ import numpy as np
 from mfed.aggregation.crosstask import GroupUpdate, Level2Rule, Level2Weighting, level2, weighted_mean
 from mfed.aggregation.linear import Candidate, aggregate_linear, screen_manifests
 from mfed.aggregation.ownership import SHARED_TRACK, dual_keys, owner_of
+from mfed.aggregation.robust import RobustSettings
+from mfed.aggregation.robust_round import combine_round, read_valid, screen_norms
 from mfed.aggregation.streaming import (
     StreamedRound,
     aggregate_streamed_groups,
@@ -69,8 +71,11 @@ class AggregationSettings:
     cagrad_c: float = 0.4
     gate_threshold: float = 0.0
     gate_momentum: float = 0.5
+    robust: RobustSettings = RobustSettings()  # median / trimmed-mean / norm screen (robust.py)
 
     def __post_init__(self) -> None:
+        if not self.robust.is_default and self.level2_rule is not Level2Rule.MEAN:
+            raise ValueError(f"a robust rule combines with level2_rule mean only, got {self.level2_rule.value}")
         if not (math.isfinite(self.cagrad_c) and self.cagrad_c >= 0):
             raise ValueError(f"cagrad_c must be a finite number >= 0, got {self.cagrad_c}")
         if not -1.0 <= self.gate_threshold <= 1.0:
@@ -89,6 +94,8 @@ class AggregationSettings:
             out.update(
                 level2Rule=self.level2_rule.value, gateThreshold=self.gate_threshold, gateMomentum=self.gate_momentum
             )
+        if not self.robust.is_default:
+            out["robust"] = self.robust.to_dict()
         return out
 
 
@@ -334,6 +341,9 @@ def aggregate(
             rejected.append(Rejection(site=exc.site, reason=exc.reason.value, detail=exc.detail))
     kept, refused = screen_manifests(base, round_number, [(s.site, m, s) for s, m in readable])
     rejected += refused
+    if not settings.robust.is_default:
+        # whole contributions in memory (not yet streamed tensor by tensor like the rules below)
+        return _aggregate_robust(base, base_tensors, round_number, kept, rejected, settings)
     if all(s.open_files is not None for _, _, s in kept):
         return _aggregate_streamed(base, base_tensors, round_number, kept, rejected, settings)
     if settings.level2_rule is not Level2Rule.MEAN or base.sharing.task_level:
@@ -378,6 +388,29 @@ def _aggregate_streamed(
         outcome.evidence,
     )
     return AggregationResult(model_bytes=outcome.model_bytes, manifest=manifest, tensors=outcome.tensors)
+
+
+def _aggregate_robust(
+    base: GlobalManifest,
+    base_tensors: Mapping[str, np.ndarray],
+    round_number: int,
+    kept: list[tuple[str, ContributionManifest, ContributionSource]],
+    rejected: list[Rejection],
+    settings: AggregationSettings,
+) -> AggregationResult:
+    """Median / trimmed mean / norm screen (robust_round.py); literal layout only."""
+    if base.sharing.task_level:
+        raise ValueError("robust rules do not support task-level copies of the shared encoder yet")
+    valid, unreadable = read_valid(base, base_tensors, kept)
+    rejected = rejected + unreadable
+    if settings.robust.norm_factor is not None:
+        valid, outliers = screen_norms(valid, settings.robust.norm_factor)
+        rejected += outliers
+    tensors, weights = combine_round(base_tensors, valid, settings.robust, settings.level2_weighting)
+    model_bytes = encode_tensors(tensors)
+    accepted = [c.manifest for c in valid]
+    manifest = build_global_manifest(base, round_number, model_bytes, accepted, rejected, settings, weights)
+    return AggregationResult(model_bytes=model_bytes, manifest=manifest, tensors=tensors)
 
 
 def _aggregate_by_group(

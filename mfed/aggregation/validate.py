@@ -39,6 +39,7 @@ class RejectReason(StrEnum):
     DTYPE = "DtypeMismatch"
     NON_FINITE = "NonFiniteValues"
     BAD_MIX = "BadStartMix"
+    NORM_OUTLIER = "NormOutlier"  # well-formed, but its norm is far above its group's median (robust.py)
 
 
 class ContributionRejected(Exception):

@@ -15,7 +15,9 @@ from mfed_operator.domain.baselines import LOCAL, dm_column, local_baseline_stat
 from mfed_operator.domain.phases import Phase, SitePhase
 
 MAX_MESSAGE = 300
-MAX_METRICS = 16
+# Per site, in status: a trainer reports about 20 (two tracks and a Local baseline add theirs);
+# with 16 the alphabetical cut dropped `val_samples`, the evidence of the track choice.
+MAX_METRICS = 32
 
 
 def iso(ts: datetime) -> str:

@@ -190,7 +190,10 @@ async def _observed(
     previous = None
     if r is not None and status.phase is Phase.PENDING:
         secret = await runtime.require_executor().check_secret(r)
-    if r is not None and r.initial.kind is InitialKind.FROM_ROUND and r.initial.from_round:
+    # Only a Pending round needs the round it starts from (its model, decoders, number); after
+    # that the status holds what it took, so later passes skip the extra read.
+    needs_previous = status.phase is Phase.PENDING or status.round is None
+    if r is not None and needs_previous and r.initial.kind is InitialKind.FROM_ROUND and r.initial.from_round:
         # Read fresh, like the round itself: kopf's cached copy may not show yet that the round
         # this one starts from has just succeeded (its patch and this wake-up race).
         found = await runtime.require_executor().read_round(r.namespace, r.initial.from_round)

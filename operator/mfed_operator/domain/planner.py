@@ -158,7 +158,10 @@ def plan(desired: Desired, observed: Observed) -> Decision:
             return Decision(status=status)
         failed = fail(status, "InvalidSpec", f"{desired.spec_error}; fix the FederationRound's spec", now)
         return _terminal(desired, observed, failed)
-    status = replace(status, round=round_number(desired, observed))
+    if status.round is None or status.phase is Phase.PENDING:
+        # decided while Pending (from the round it starts from), then kept: later passes do not
+        # read the previous round at all
+        status = replace(status, round=round_number(desired, observed))
     if status.spec_digest is None or status.phase is Phase.PENDING:
         status = replace(status, spec_digest=r.digest)
     elif status.spec_digest != r.digest and not status.phase.terminal:

@@ -2,9 +2,10 @@
 
 The real operator process (production defaults: `MFED_OPERATOR_RESYNC_SECONDS=10`) against the
 emulated Kubernetes API (kmock, tests/support/kubeapi.py) and a real S3 (SeaweedFS). A bench
-"kubelet" runs each Job's trainer IN PROCESS (torch imported once; 1 optimizer step on 16 demo
-images) and reports it Complete at once, so the uploads are real, valid contributions and the
-numbers measure the operator, not the training. For a chain of rounds over N sites it prints:
+"kubelet" completes each Job at once with a valid contribution (the first site of each task in a
+round runs the real trainer in process, 1 optimizer step on 16 demo images; the others get a copy
+of its bytes under their own prefix and name), so the uploads pass the operator's validation and
+the numbers measure the operator, not the training. For a chain of rounds over N sites it prints:
 
 - overhead, chain: the round's last Job completed -> every Job of the next chained round created
 - overhead, done: the round's last Job completed -> the round Succeeded
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import os
 import sys
@@ -41,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mfed_operator.domain.names import LABEL_ROUND
 from mfed_trainer.main import run as run_trainer
 
-from mfed.spec import parse_spec
+from mfed.artifacts.layout import MANIFEST_FILE, join
+from mfed.artifacts.manifest import ContributionManifest
+from mfed.spec import InitSpec, RoundSpec, parse_spec
 from mfed.storage import Storage
 from tests.support import manifests as m
 from tests.support.kubeapi import KUBECONFIG_TOKEN, KubeAPI, LoggedRequest
@@ -68,7 +72,17 @@ def environment(env: Mapping[str, str]) -> Iterator[None]:
 
 
 class InProcessKubelet(Kubelet):
-    """Runs the Job's trainer in this process, then reports the Job Complete (or Failed)."""
+    """Completes each Job at once with a valid contribution, then reports it Complete (or Failed).
+
+    The first site of a task in a round runs the real trainer in this process (torch imported
+    once; 1 optimizer step on 16 demo images); every other site of that task and round gets a
+    copy of those bytes under its own prefix, with a manifest naming it. The contributions are
+    well-formed and pass the operator's validation (same base, signatures, checksums), so the
+    bench measures the operator at 100+ sites without training 100 models a round."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._made: dict[tuple[str, str], tuple[bytes, bytes, ContributionManifest]] = {}
 
     def _start(self, job: Mapping[str, Any], previous: _Run | None) -> _Run:
         meta = job["metadata"]
@@ -77,13 +91,33 @@ class InProcessKubelet(Kubelet):
         run = _Run(namespace=namespace, name=name, uid=meta.get("uid", ""), process=None, started=time.monotonic())
         try:
             with environment(env):
-                run_trainer(parse_spec(env["MFED_SPEC"]), Storage())
+                self._contribute(parse_spec(env["MFED_SPEC"]), Storage())
         except Exception as exc:  # a bench must say so, not hang
             self.errors.append(f"{name}: {type(exc).__name__}: {exc}")
             self._finish(run, failed=True, reason="BenchTrainerFailed", message=str(exc)[:200])
             return run
         self._finish(run, failed=False)
         return run
+
+    def _contribute(self, spec: RoundSpec | InitSpec, storage: Storage) -> None:
+        if not isinstance(spec, RoundSpec):
+            run_trainer(spec, storage)
+            return
+        key = (spec.global_model, spec.task.name)
+        made = self._made.get(key)
+        if made is None:
+            run_trainer(spec, storage)
+            manifest = ContributionManifest.from_json(storage.read(join(spec.output, MANIFEST_FILE)))
+            delta = storage.read(join(spec.output, manifest.delta.name))
+            decoder = storage.read(join(spec.output, manifest.decoder.name))
+            self._made[key] = (delta, decoder, manifest)
+            return
+        delta, decoder, manifest = made
+        # The trainer's write order (delta, decoder, manifest): a manifest only for complete uploads.
+        storage.write(join(spec.output, manifest.delta.name), delta)
+        storage.write(join(spec.output, manifest.decoder.name), decoder)
+        own = dataclasses.replace(manifest, site=spec.site, round=spec.round)
+        storage.write(join(spec.output, MANIFEST_FILE), own.to_json().encode())
 
 
 def _post_round(r: LoggedRequest) -> str | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mfed.methods import Method
-from mfed.pilot.runner import MethodRun
+from mfed.pilot.records import MethodRun
 
 METHOD_LABELS = {
     Method.LOCAL: "Local (no federation)",
@@ -128,6 +128,8 @@ def summarize(
             "delta_m": statistics.fmean(dm_per_seed.values()),
             "delta_m_per_seed": {str(s): v for s, v in dm_per_seed.items()},
             "steps_per_site": max(max(r.steps_per_site.values()) for r in seeds.values()),
+            # Traffic: mean bytes a site sent to the aggregator per round (delta + decoder files).
+            "upload_bytes_per_site_round": statistics.fmean(r.upload_per_site_round() for r in seeds.values()),
             # What each site trained, as its trainer reported it: equal across methods by design.
             "site_steps": {str(s): dict(sorted(r.steps_per_site.items())) for s, r in sorted(seeds.items())},
             "selected": {
@@ -204,19 +206,27 @@ def _final_round_lines(results: Mapping[str, Any], tasks: list[str]) -> list[str
 
 def format_table(results: Mapping[str, Any]) -> str:
     tasks = sorted(results["tasks"])
-    header = ["method", *[f"{t} ({results['tasks'][t]['metric']})" for t in tasks], "dm% vs Local", "steps/site"]
+    header = [
+        "method",
+        *[f"{t} ({results['tasks'][t]['metric']})" for t in tasks],
+        "dm% vs Local",
+        "steps/site",
+        "upload/site/round",
+    ]
     rows = [header]
     for method in results["methods"].values():
         cells = [method["label"]]
         for t in tasks:
             value, spread = method["metrics"][t], method["metrics_std"][t]
             cells.append(f"{value:.2f}" + (f" ±{spread:.2f}" if len(method["metrics_per_seed"]) > 1 else ""))
-        cells += [f"{method['delta_m']:+.2f}", str(method["steps_per_site"])]
+        cells += [
+            f"{method['delta_m']:+.2f}",
+            str(method["steps_per_site"]),
+            human_bytes(method.get("upload_bytes_per_site_round", 0.0)),
+        ]
         rows.append(cells)
     lines = _render(rows)
-    seeds = ", ".join(next(iter(results["methods"].values()))["metrics_per_seed"])
-    ties = results["config"].get("select_ties", "latest")
-    lines.append(f"mean over seeds {seeds}; each site's model chosen on its own validation split (ties: {ties} round)")
+    lines.append(_selection_line(results))
     for method in results["methods"].values():
         protection = method.get("protection") or {}
         if any("shared" in v for v in protection.values()):
@@ -225,8 +235,37 @@ def format_table(results: Mapping[str, Any]) -> str:
         elif any("start_alpha" in v for v in protection.values()):
             used = ", ".join(f"{t} {v['start_alpha']:.2f}" for t, v in protection.items() if "start_alpha" in v)
             lines.append(f"{method['label']}: mean share of the shared encoder in the selected models: {used}")
-    lines += _final_round_lines(results, tasks)
+    if results["config"].get("selection") != LAST_ROUND:  # otherwise the block repeats the table
+        lines += _final_round_lines(results, tasks)
     return "\n".join(lines)
+
+
+# config["selection"] of a report whose sites report the model of the last round: a cluster's
+# chain, where each site deploys what its last round produced (the operator keeps no "best round").
+LAST_ROUND = "last-round"
+
+
+def _selection_line(results: Mapping[str, Any]) -> str:
+    config = results["config"]
+    if config.get("selection") == LAST_ROUND:
+        rounds = config.get("rounds_in_chain", "?")
+        return (
+            f"chain {config.get('chain', '?')} ({rounds} rounds, source: {config.get('source', '?')}); "
+            "every site's model after the last round, scored on its test split (else validation)"
+        )
+    seeds = ", ".join(next(iter(results["methods"].values()))["metrics_per_seed"])
+    ties = config.get("select_ties", "latest")
+    return f"mean over seeds {seeds}; each site's model chosen on its own validation split (ties: {ties} round)"
+
+
+def human_bytes(count: float) -> str:
+    """Decimal units, three significant digits: 0 B, 950 B, 412 kB, 1.23 MB."""
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 999.5 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" or value >= 99.5 else f"{value:.3g} {unit}"
+        value /= 1000.0
+    raise AssertionError("unreachable")
 
 
 def write_results(results: Mapping[str, Any], path: Path) -> None:
@@ -258,7 +297,11 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
     for ax in list(axes.flat)[len(tasks) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"mfed pilot: {results['config'].get('scenario', '')} scenario, test metric per round")
+    config = results["config"]
+    if config.get("selection") == LAST_ROUND:
+        fig.suptitle(f"mfed report: chain {config.get('chain', '')}, metric per round")
+    else:
+        fig.suptitle(f"mfed pilot: {config.get('scenario', '')} scenario, test metric per round")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -36,6 +36,7 @@ from mfed.learning.tasks import build_task
 from mfed.methods import Method, MethodPlan
 from mfed.model_store import read_global_model, write_global_model
 from mfed.pilot.config import PilotConfig
+from mfed.pilot.records import CurvePoint, MethodRun, SiteSelection
 from mfed.rounds.initial import init_global_model
 from mfed.rounds.site_round import evaluate_start, load_site_splits, run_site_round
 from mfed.seeding import derive_seed
@@ -53,42 +54,6 @@ class PilotSite:
     task: TaskSpec
     decoder: ArchSpec
     data: DataSpec
-
-
-@dataclass(frozen=True)
-class CurvePoint:
-    """Point k of a method's learning curve: each site's steps so far and its test score.
-
-    `tracks` holds, for two-track sites, the test score of each track ("task", "shared"), the
-    deployed one included: what the site would have got had its validation split chosen otherwise."""
-
-    index: int
-    steps: dict[str, int]
-    test: dict[str, float]
-    tracks: dict[str, dict[str, float]] = field(default_factory=dict)
-
-
-@dataclass
-class SiteSelection:
-    """The validation-selected model of one site."""
-
-    round: int = 0
-    steps: int = 0
-    val: float | None = None
-    test: float = math.nan
-    # The site's protection choice for the selected model, e.g. {"shared": 1.0} when a two-track
-    # site deployed its shared track, {"start_alpha": 0.5} for a mixed start (mfed.rounds.start).
-    evidence: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class MethodRun:
-    method: Method
-    seed: int
-    sites: dict[str, SiteSelection] = field(default_factory=dict)
-    curve: list[CurvePoint] = field(default_factory=list)
-    steps_per_site: dict[str, int] = field(default_factory=dict)
-    rejected: int = 0
 
 
 def pilot_sites(config: PilotConfig, seed: int) -> list[PilotSite]:
@@ -290,10 +255,11 @@ def _select(
     return True
 
 
-def _train_site(spec: RoundSpec, data: SiteData) -> int:
-    """One site round in a worker; returns the optimizer steps it took (both tracks)."""
-    result = run_site_round(spec, Storage(), data=data)
-    return int(result.manifest.metrics["steps"])
+def _train_site(spec: RoundSpec, data: SiteData) -> tuple[int, int]:
+    """One site round in a worker; returns the optimizer steps it took (both tracks) and the
+    bytes of the files it wrote for the aggregator (encoder delta + decoder)."""
+    manifest = run_site_round(spec, Storage(), data=data).manifest
+    return int(manifest.metrics["steps"]), manifest.delta.size + manifest.decoder.size
 
 
 def _score_site(spec: RoundSpec, data: SiteData, want_test: bool) -> dict[str, float]:
@@ -392,9 +358,13 @@ def _run_method(
         checkpoints = curve_checkpoints(config.rounds, config.rounds)
         for r in range(1, config.rounds + 1):
             trained = [(f, site, spec) for f in federations for site, spec in f.train_specs(r)]
-            steps = pool.map(_train_site, [(spec, train_data[site.name]) for _, site, spec in trained], on_site_round)
-            for (_, site, _), taken in zip(trained, steps, strict=True):
+            done = pool.map(_train_site, [(spec, train_data[site.name]) for _, site, spec in trained], on_site_round)
+            for (_, site, _), (taken, written) in zip(trained, done, strict=True):
                 run.steps_per_site[site.name] = run.steps_per_site.get(site.name, 0) + taken
+                run.site_rounds[site.name] = run.site_rounds.get(site.name, 0) + 1
+                # Local's sites are federations of one: what they write never leaves the site.
+                shared = written if plan.federated else 0
+                run.uploaded_bytes[site.name] = run.uploaded_bytes.get(site.name, 0) + shared
             for federation in federations:
                 federation.aggregate(r)
             index = checkpoints.get(r)

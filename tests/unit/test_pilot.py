@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import replace
 
 import pytest
 
 from mfed.cli import main
 from mfed.methods import Method
-from mfed.pilot.config import PilotConfig, PilotConfigError
-from mfed.pilot.report import delta_m, final_metrics, format_table, summarize
+from mfed.pilot.config import PILOT_TASKS, PilotConfig, PilotConfigError
+from mfed.pilot.report import delta_m, final_metrics, format_table, human_bytes, summarize
 from mfed.pilot.runner import (
     CurvePoint,
     MethodRun,
@@ -20,6 +21,7 @@ from mfed.pilot.runner import (
     pilot_sites,
     steps_per_round,
 )
+from mfed.spec import ArchSpec
 
 
 def test_quick_pilot_runs_every_method_and_writes_table_json_and_plot(tmp_path, capsys):
@@ -44,7 +46,29 @@ def test_quick_pilot_runs_every_method_and_writes_table_json_and_plot(tmp_path, 
         for sites in method["site_steps"].values():
             assert sites and set(sites.values()) == {budget}, method["label"]
     table_rows = [line for line in printed.splitlines() if line.startswith(("Local", "Task-", "Encoder-", "M-Fed"))]
-    assert len(table_rows) >= 4 and all(row.split()[-1] == "8" for row in table_rows[:4])
+    assert len(table_rows) >= 4 and all(row.split()[-3] == "8" for row in table_rows[:4])
+    # Traffic, against the models' own parameter counts: a federated site uploads its float32
+    # encoder delta and decoder every round (plus two safetensors headers); Local uploads nothing.
+    expected = statistics.fmean(4 * (_parameters("encoder", t) + _parameters("decoder", t)) for t in _QUICK_TASKS)
+    for key, method in results["methods"].items():
+        upload = method["upload_bytes_per_site_round"]
+        if key == "local":
+            assert upload == 0.0
+        else:
+            assert expected <= upload <= expected + 8192, (key, upload, expected)
+    assert table_rows[0].endswith("0 B")
+    assert table_rows[1].endswith(human_bytes(results["methods"]["task_fedavg"]["upload_bytes_per_site_round"]))
+
+
+_QUICK_TASKS = ("cls10", "coarse4", "denoise", "rot4")
+
+
+def _parameters(part: str, task: str) -> int:
+    from mfed.learning.model import build_site_model
+
+    spec, decoder = PILOT_TASKS[task]
+    model, _ = build_site_model(ArchSpec(name="small_cnn"), spec, decoder)
+    return sum(p.numel() for p in getattr(model, part).parameters())
 
 
 def test_the_budget_gives_every_method_rounds_of_the_same_length():

@@ -301,6 +301,9 @@ def _run(
         delta, decoder = delta | shared_delta, decoder | shared_decoder
     if spec.local_baseline is not None and baseline_start is not None:
         eval_split, eval_split_seed = _eval_split(data, spec)
+        # Equal compute: Local gets every step the site trained this round, both tracks of a
+        # two-track site (as in the pilot), not only the task track's.
+        site_steps = int(metrics["steps"])
         metrics.update(
             _local_baseline(
                 spec,
@@ -309,7 +312,7 @@ def _run(
                 # the model this site deploys after the round: for a two-track site the track
                 # that won on validation
                 state.shared.model if state.shared is not None and metrics.get("deploy_shared") else model,
-                lambda m, o: train(m, derive_seed(seed, "local"), o),
+                lambda m, o: train(m, derive_seed(seed, "local"), o, site_steps),
                 lambda m: evaluate(m, task, eval_split, device=device, seed=eval_split_seed),
                 -1.0 if not task.higher_is_better else 1.0,
             )
@@ -317,6 +320,8 @@ def _run(
     delta_dtype = StoredDtype.parse(spec.training.delta_dtype)
     delta_bytes = encode_tensors(delta, float_dtype=delta_dtype)
     decoder_bytes = encode_tensors(decoder)
+    # The site's traffic this round, for the report (the manifest's own few kB not counted).
+    metrics["upload_bytes"] = float(len(delta_bytes) + len(decoder_bytes))
     manifest = ContributionManifest(
         federation=spec.federation,
         round=spec.round,
@@ -394,8 +399,9 @@ def _local_baseline(
     score: Callable[[SiteModel], float],
     sign: float,
 ) -> dict[str, float]:
-    """Train the site's Local baseline for this round (the task track's step budget, no
-    regulariser: no global decoder to pull toward) and score it beside the federated model.
+    """Train the site's Local baseline for this round (the steps the site trained, both tracks
+    counted; no regulariser: no global decoder to pull toward) and score it beside the federated
+    model.
 
     `baseline_gain` is the relative gain of the federated model in percent, positive when it is
     better (`sign` is -1 for lower-is-better metrics)."""

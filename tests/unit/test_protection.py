@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from mfed.rounds.initial import init_global_model
 from mfed.rounds.site_round import BadInput, evaluate_start, load_site_splits, prepare_start, run_site_round
 from mfed.spec import (
     ArchSpec,
+    BaselineSpec,
     DataSpec,
     DecoderSource,
     InitSpec,
@@ -318,3 +320,14 @@ def test_shared_steps_cap_only_the_shared_track_of_a_two_track_site(tmp_path):
     manifest = run_site_round(spec, Storage()).manifest
     assert manifest.metrics["steps"] == 7
     assert shared_track_steps(6, 1) == 1 and shared_track_steps(6, None) == 6 and shared_track_steps(6, 9) == 6
+
+
+def test_a_two_track_site_gives_its_local_baseline_the_steps_of_both_tracks(tmp_path):
+    """Equal compute on a cluster as in the pilot: a site that trains two models a round spends
+    both tracks' steps, and its Local baseline gets as many (not only the task track's)."""
+    _init(tmp_path)
+    spec = _round(tmp_path, SiteStrategy.FALLBACK, min_steps=6, max_steps=6, shared_steps=4)
+    local = BaselineSpec(prefix=str(tmp_path / "baselines" / "cls-a" / "local"))
+    metrics = run_site_round(replace(spec, local_baseline=local), Storage()).manifest.metrics
+    assert metrics["steps"] == 6 + 4
+    assert metrics["baseline_steps"] == metrics["steps"]

@@ -6,6 +6,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+from mfed.naming import next_round_name
 from mfed_operator.domain.names import (
     API_VERSION,
     LABEL_CHAIN,
@@ -15,7 +16,6 @@ from mfed_operator.domain.names import (
     MANAGED_BY,
     ROUND_KIND,
     label_value,
-    next_round_name,
 )
 from mfed_operator.domain.views import RoundView
 

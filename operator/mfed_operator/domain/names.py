@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
+
+from mfed.naming import MAX_DNS_LABEL, dns_name
 
 GROUP = "mfed.dev"
 VERSION = "v1alpha1"
@@ -29,25 +30,7 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 COMPONENT_INIT = "init-model"
 COMPONENT_SITE = "site-training"
 
-_INVALID = re.compile(r"[^a-z0-9-]+")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-MAX_DNS_LABEL = 63
-
-
-def dns_name(*parts: str, max_length: int = MAX_DNS_LABEL) -> str:
-    """Join parts into a DNS-1123 label; deterministic, with a hash suffix when it had to change.
-
-    Names that are already valid and short enough come out unchanged (readable); any name that
-    needed sanitising or truncating ends in `-<8 hex of sha256(original)>`, so two different
-    inputs never collapse onto the same name.
-    """
-    original = "-".join(parts)
-    cleaned = _INVALID.sub("-", original.lower()).strip("-")
-    if cleaned == original and len(cleaned) <= max_length and cleaned:
-        return cleaned
-    digest = hashlib.sha256(original.encode()).hexdigest()[:8]
-    head = cleaned[: max_length - len(digest) - 1].rstrip("-")
-    return f"{head}-{digest}" if head else digest
 
 
 def label_value(value: str) -> str:
@@ -63,7 +46,3 @@ def site_job_name(round_name: str, site: str) -> str:
 
 def init_job_name(round_name: str) -> str:
     return dns_name(round_name, "init")
-
-
-def next_round_name(chain_root: str, round_number: int) -> str:
-    return dns_name(chain_root, f"r{round_number}", max_length=253)

@@ -1,5 +1,6 @@
 """The `mfed` command: `mfed pilot` runs a whole federation locally (see `mfed pilot --help`);
-`mfed import-weights` and `mfed export` move models in and out of a federation (mfed.weights)."""
+`mfed import-weights` and `mfed export` move models in and out of a federation (mfed.weights);
+`mfed report` prints the pilot's table for a chain of FederationRounds on a cluster."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
 from mfed.methods import Method
 from mfed.pilot.config import ALL_METHODS, QUICK, SCENARIOS, PilotConfig, PilotConfigError
+from mfed.report.cli import add_report_command
 from mfed.spec import ArchSpec, Regularizer, SharingPolicy, SiteStrategy, SpecError, TaskSpec
 from mfed.weights.cli import add_weight_commands
 
@@ -222,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _pilot_parser(sub)
     add_weight_commands(sub)
+    add_report_command(sub)
     args = parser.parse_args(argv)
     if args.command != "pilot":
         return int(args.run(args))

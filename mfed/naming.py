@@ -6,6 +6,11 @@ from __future__ import annotations
 import hashlib
 import re
 
+# The API group and version of SiteTask and FederationRound (the CRDs under crds/ say the same;
+# tests/operator checks it).
+GROUP = "mfed.dev"
+VERSION = "v1alpha1"
+FEDERATIONROUNDS = "federationrounds"
 _INVALID = re.compile(r"[^a-z0-9-]+")
 MAX_DNS_LABEL = 63
 

@@ -51,6 +51,14 @@ class MethodRun:
     # files; 0 for Local, which shares nothing), and the rounds it took part in.
     uploaded_bytes: dict[str, int] = field(default_factory=dict)
     site_rounds: dict[str, int] = field(default_factory=dict)
+    # Site -> task group. The pilot leaves it empty: its sites are named `<task>-<i>`.
+    site_tasks: dict[str, str] = field(default_factory=dict)
+    # Site -> training samples, the weights of a task's mean (as the round's status weights
+    # them). The pilot leaves it empty: a task's sites there are all the same size.
+    site_samples: dict[str, int] = field(default_factory=dict)
+
+    def task_of(self, site: str) -> str:
+        return self.site_tasks.get(site) or site.rsplit("-", 1)[0]
 
     def upload_per_site_round(self) -> float:
         """Mean bytes a site uploaded per round."""

@@ -25,20 +25,19 @@ METHOD_LABELS = {
 }
 
 
-def task_of(site: str) -> str:
-    return site.rsplit("-", 1)[0]
-
-
-def _mean_by_task(scores: Mapping[str, float]) -> dict[str, float]:
+def _mean_by_task(run: MethodRun, scores: Mapping[str, float]) -> dict[str, float]:
+    """Per task, the mean over its sites, weighted by their training samples when known."""
     by_task: dict[str, list[float]] = {}
+    weights: dict[str, list[float]] = {}
     for site, value in sorted(scores.items()):
-        by_task.setdefault(task_of(site), []).append(value)
-    return {task: statistics.fmean(values) for task, values in sorted(by_task.items())}
+        by_task.setdefault(run.task_of(site), []).append(value)
+        weights.setdefault(run.task_of(site), []).append(float(run.site_samples.get(site, 1)))
+    return {task: statistics.fmean(values, weights[task]) for task, values in sorted(by_task.items())}
 
 
 def task_metrics(run: MethodRun) -> dict[str, float]:
     """Mean over a task's sites of each site's validation-selected test score."""
-    return _mean_by_task({site: selection.test for site, selection in run.sites.items()})
+    return _mean_by_task(run, {site: selection.test for site, selection in run.sites.items()})
 
 
 # The deployed model after the last round, and (two-track methods) each track's.
@@ -54,11 +53,11 @@ def final_metrics(run: MethodRun, view: str) -> dict[str, float] | None:
         return _deployed_after_last_round(run)
     if set(last.tracks) != set(last.test):
         return None
-    return _mean_by_task({site: tracks[view] for site, tracks in last.tracks.items()})
+    return _mean_by_task(run, {site: tracks[view] for site, tracks in last.tracks.items()})
 
 
 def _deployed_after_last_round(run: MethodRun) -> dict[str, float]:
-    return _mean_by_task(run.curve[-1].test)
+    return _mean_by_task(run, run.curve[-1].test)
 
 
 def delta_m(metrics: Mapping[str, float], local: Mapping[str, float], higher_is_better: Mapping[str, bool]) -> float:
@@ -71,21 +70,25 @@ def delta_m(metrics: Mapping[str, float], local: Mapping[str, float], higher_is_
 
 
 def _mean_curve(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
-    """Curve points averaged over seeds: per task, mean steps per site and mean test score."""
+    """Curve points averaged over seeds: per task, mean steps per site and mean test score
+    (weighted by the sites' samples when known, as the table)."""
     points = []
     for index in range(min(len(r.curve) for r in runs)):
         scores: dict[str, list[float]] = {}
+        weights: dict[str, list[float]] = {}
         steps: dict[str, list[int]] = {}
         for run in runs:
             point = run.curve[index]
             for site, value in point.test.items():
-                scores.setdefault(task_of(site), []).append(value)
-                steps.setdefault(task_of(site), []).append(point.steps[site])
+                task = run.task_of(site)
+                scores.setdefault(task, []).append(value)
+                weights.setdefault(task, []).append(float(run.site_samples.get(site, 1)))
+                steps.setdefault(task, []).append(point.steps[site])
         points.append(
             {
                 "point": runs[0].curve[index].index,
                 "steps": {t: statistics.fmean(v) for t, v in sorted(steps.items())},
-                "metrics": {t: statistics.fmean(v) for t, v in sorted(scores.items())},
+                "metrics": {t: statistics.fmean(v, weights[t]) for t, v in sorted(scores.items())},
             }
         )
     return points
@@ -99,7 +102,7 @@ def protection_summary(seeds: Mapping[int, MethodRun]) -> dict[str, dict[str, fl
         for site, selection in sorted(run.sites.items()):
             for key in ("shared", "start_alpha"):
                 if key in selection.evidence:
-                    values.setdefault(task_of(site), {}).setdefault(key, []).append(selection.evidence[key])
+                    values.setdefault(run.task_of(site), {}).setdefault(key, []).append(selection.evidence[key])
     return {task: {k: statistics.fmean(v) for k, v in sorted(kv.items())} for task, kv in sorted(values.items())}
 
 

@@ -12,6 +12,7 @@ column is checked by its jsonPath on the stored status."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from mfed_operator.domain.method_settings import data_spec
 from mfed_operator.domain.views import parse_sitetask
 
 from mfed.artifacts.tensorfile import decode_tensors
+from mfed.cli import main
 from mfed.learning.model import build_site_model, load_part
 from mfed.learning.train import evaluate
 from mfed.rounds.site_round import load_site_splits
@@ -31,6 +33,7 @@ from mfed.storage import Storage
 from tests.e2e.conftest import Cluster, check_global_model
 from tests.e2e.test_federation import scaled_down_example
 from tests.support.manifests import REPO
+from tests.support.seaweed import ACCESS_KEY, SECRET_KEY
 
 pytestmark = pytest.mark.slow
 ENCODER = {"name": "small_cnn", "params": {}}
@@ -56,7 +59,9 @@ def _local_score(cluster: Cluster, sitetask: dict[str, Any], state: bytes) -> fl
     return evaluate(model, plugin, data.test, device=torch.device("cpu"), seed=derive_seed("test", view.task_name))
 
 
-def test_the_status_reports_the_gain_over_local_that_the_artifacts_and_the_data_give(cluster: Cluster) -> None:
+def test_the_status_reports_the_gain_over_local_that_the_artifacts_and_the_data_give(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     objects = scaled_down_example(cluster, prefix="baselines")
     fr = next(o for o in objects if o["kind"] == "FederationRound")
     assert fr["spec"]["evaluation"] == {"baselines": ["local"]}  # the example asks for it
@@ -113,6 +118,61 @@ def test_the_status_reports_the_gain_over_local_that_the_artifacts_and_the_data_
     crd = yaml.safe_load((REPO / "crds" / "mfed.dev_federationrounds.yaml").read_text())
     columns = {c["name"]: c["jsonPath"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]}
     assert columns["dm% vs Local"] == ".status.summary.dmLocal"
+
+    _check_the_report(cluster, objects, status, tmp_path, monkeypatch, capsys)
+
+
+def _check_the_report(
+    cluster: Cluster,
+    objects: list[dict[str, Any]],
+    last: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`mfed report` on the chain, through the API (a kubeconfig, as from a laptop) and from
+    the artifacts in S3: the pilot's table and JSON, whose numbers are the status's (checked
+    above against the oracle) and whose traffic is the sizes of the files the sites uploaded.
+    What it does not check: kmock stands in for kube-apiserver (the client's GET of a custom
+    object is the only call the report makes)."""
+    fr = next(o for o in objects if o["kind"] == "FederationRound")
+    storage = fr["spec"]["storage"]
+    root = f"s3://{storage['bucket']}/{storage['prefix']}/fashion-mnist"
+    rounds = ["fashion-mnist", "fashion-mnist-r2"]
+    uploads: list[int] = []
+    steps: dict[str, int] = {}
+    for name in rounds:
+        for site in cluster.status(name)["sites"]:
+            manifest = json.loads(cluster.s3_object(f"{root}/{name}/sites/{site['site']}/manifest.json"))
+            uploads.append(manifest["delta"]["size"] + manifest["decoder"]["size"])
+            steps[site["site"]] = steps.get(site["site"], 0) + int(manifest["metrics"]["steps"])
+
+    api_out, s3_out = tmp_path / "report-api", tmp_path / "report-s3"
+    kubeconfig = cluster.env["MFED_OPERATOR_KUBECONFIG"]
+    through_api = ["report", "fashion-mnist", "-n", cluster.namespace, "--kubeconfig", kubeconfig]
+    assert main([*through_api, "--out", str(api_out)]) == 0
+    printed = capsys.readouterr().out
+    assert "dm% vs Local" in printed and "upload/site/round" in printed and "M-Fed" in printed
+    monkeypatch.setenv("MFED_S3_ENDPOINT", cluster.s3.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    assert main(["report", "fashion-mnist", "--artifacts", root, "--method", "m-fed", "--out", str(s3_out)]) == 0
+
+    local_status = last["baselines"]["local"]
+    for out in (api_out, s3_out):
+        report = json.loads((out / "results.json").read_text())
+        assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert report["config"]["rounds"] == rounds
+        local, fed = report["methods"]["local"], report["methods"]["mfed"]
+        for task, numbers in local_status["tasks"].items():
+            assert fed["metrics"][task] == pytest.approx(numbers["federated"], abs=1e-4)
+            assert local["metrics"][task] == pytest.approx(numbers["baseline"], abs=1e-4)
+        assert fed["delta_m"] == pytest.approx(local_status["dmPercent"], abs=1e-3)
+        assert local["delta_m"] == 0.0
+        assert fed["upload_bytes_per_site_round"] == pytest.approx(sum(uploads) / len(uploads))
+        assert local["upload_bytes_per_site_round"] == 0.0
+        assert fed["steps_per_site"] == local["steps_per_site"] == max(steps.values())
+        assert len(fed["per_round"]) == len(rounds)
 
 
 def test_a_deleted_baseline_state_fails_the_site_with_its_reason_and_reports_no_number(cluster: Cluster) -> None:

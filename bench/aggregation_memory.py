@@ -15,11 +15,21 @@ ContributionSource.open_files) on every level-2 path: mean, cagrad, gated, task-
 and `--groups` task groups (default 2,4,16), and ends with the worst peak over the model size:
 
     python bench/aggregation_memory.py --all-paths [--groups 2,4,16]
+
+`--vs-download` puts the contributions in a real S3 server (SeaweedFS, on 127.0.0.1) and times,
+in the same process, the operator's whole aggregation of a round (its `aggregate_round`: read,
+validate, aggregate tensor by tensor, write the model) against merely downloading the same
+objects (every manifest, delta and decoder, whole, PREFETCH_THREADS at a time, as the
+operator's prefetch does), for the default encoder (small files: read whole) and the ResNet-18
+one (43 MiB deltas: ranged reads), and ends with the worst ratio:
+
+    python bench/aggregation_memory.py --vs-download [--sites 8,32]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -227,13 +237,109 @@ def all_paths(groups: list[int], dtype: StoredDtype) -> None:
     print(f"worst_peak_over_model={worst[0]:.2f} path={worst[1]} groups={worst[2]}")
 
 
+def small_cnn_shapes() -> dict[str, tuple[int, ...]]:
+    from mfed.learning.encoders import build_encoder
+
+    encoder = build_encoder(ArchSpec(name="small_cnn"))
+    return {f"encoder.{k}": tuple(v.shape) for k, v in encoder.state_dict().items()}
+
+
+def vs_download(counts: list[int], dtype: StoredDtype, repeats: int = 3) -> None:
+    """Aggregation wall time over the time to download its objects, from a real S3 server."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mfed_operator.adapters.dataplane import PREFETCH_THREADS, CountingStorage, aggregate_round
+    from mfed_operator.domain.actions import Aggregate, Aggregated
+
+    from mfed.artifacts.layout import MANIFEST_FILE, join
+    from mfed.model_store import GlobalModel
+    from mfed.storage import S3Settings, Storage
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's tests/support
+    from tests.support.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
+
+    print(
+        f"{'encoder':>9}  {'sites':>5}  {'MiB read':>8}  {'download s':>10}  {'aggregate s':>11}  "
+        f"{'aggregate/download':>18}"
+    )
+    worst = (0.0, "", 0)
+    with tempfile.TemporaryDirectory(prefix="mfed-bench-s3-") as tmp:
+        server = SeaweedFS(Path(tmp) / "weed")
+        try:
+            server.start()
+            server.create_bucket("bench")
+            settings = S3Settings(endpoint=server.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY)
+            storage = Storage(settings)
+            for encoder, shapes in (("small_cnn", small_cnn_shapes()), ("resnet", resnet_shapes())):
+                base, tensors = make_base(shapes)
+                for count in counts:
+                    folder = Path(tmp) / f"{encoder}-{count}"
+                    folder.mkdir()
+                    manifests = write_contributions(base, shapes, count, folder, dtype)
+                    prefixes = {m.site: f"s3://bench/{encoder}/{count}/r1/sites/{m.site}" for m in manifests}
+                    objects = []
+                    for m in manifests:
+                        prefix = prefixes[m.site]
+                        for name, data in (
+                            (DELTA_FILE, (folder / f"{m.site}.delta").read_bytes()),
+                            (DECODER_FILE, (folder / f"{m.site}.decoder").read_bytes()),
+                            (MANIFEST_FILE, m.to_json().encode()),
+                        ):
+                            storage.write(join(prefix, name), data)
+                            objects.append(join(prefix, name))
+                    for path in folder.iterdir():
+                        path.unlink()
+
+                    def download(objects: list[str] = objects) -> int:
+                        with ThreadPoolExecutor(max_workers=PREFETCH_THREADS) as pool:
+                            return sum(len(b) for b in pool.map(storage.read, objects))
+
+                    action = Aggregate(
+                        sites=tuple(sorted(prefixes)),
+                        site_prefixes=prefixes,
+                        base_uri="(in memory)",
+                        output=f"s3://bench/{encoder}/{count}/r1/global",
+                        round_number=1,
+                        min_sites=count,
+                        settings=AggregationSettings(),
+                    )
+                    model = GlobalModel(manifest=base, tensors=tensors)
+                    down_times, agg_times = [], []
+                    read = 0
+                    for _ in range(repeats):  # interleaved, so drift on the machine hits both alike
+                        started = time.perf_counter()
+                        read = download()
+                        down_times.append(time.perf_counter() - started)
+                        started = time.perf_counter()
+                        result = aggregate_round(CountingStorage(storage), model, action)
+                        agg_times.append(time.perf_counter() - started)
+                        assert isinstance(result, Aggregated) and not result.rejected, result
+                    down, agg = min(down_times), min(agg_times)
+                    worst = max(worst, (agg / down, encoder, count))
+                    print(
+                        f"{encoder:>9}  {count:>5}  {read / 2**20:>8.0f}  {down:>10.2f}  {agg:>11.2f}  "
+                        f"{agg / down:>18.2f}",
+                        flush=True,
+                    )
+        finally:
+            server.stop()
+    print(f"worst_aggregation_over_download={worst[0]:.2f} encoder={worst[1]} sites={worst[2]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", default="2,4,8,16,32,64")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--all-paths", action="store_true", help="every level-2 path, tensor by tensor")
     parser.add_argument("--groups", default="2,4,16", help="task-group counts for --all-paths")
+    parser.add_argument(
+        "--vs-download", action="store_true", help="aggregation time over download time, real S3 (--sites)"
+    )
     args = parser.parse_args()
+    if args.vs_download:
+        sites = "8,32" if args.sites == parser.get_default("sites") else args.sites
+        vs_download([int(c) for c in sites.split(",")], StoredDtype.parse(args.dtype))
+        return
     if args.all_paths:
         all_paths([int(g) for g in args.groups.split(",")], StoredDtype.parse(args.dtype))
         return

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,6 +35,8 @@ from mfed.aggregation.ownership import SHARED_TRACK, dual_keys, owner_of
 from mfed.aggregation.robust import RobustSettings
 from mfed.aggregation.robust_round import combine_round, read_valid, screen_norms
 from mfed.aggregation.streaming import (
+    PARALLEL_READS,
+    ReadPlan,
     StreamedRound,
     aggregate_streamed_groups,
     aggregate_streamed_linear,
@@ -368,15 +371,22 @@ def _aggregate_streamed(
 ) -> AggregationResult:
     """The same result as the whole-contribution paths, read tensor by tensor (streaming.py)."""
     opened = [(m, s.open_files) for _site, m, s in kept if s.open_files is not None]
-    accepted, refused = validate_all(base_tensors, opened)
-    rejected = rejected + refused
-    if not accepted:
-        raise ValueError("no contribution was accepted; there is nothing to aggregate")
-    round_ = StreamedRound(base_tensors, accepted)
-    if settings.level2_rule is not Level2Rule.MEAN or base.sharing.task_level:
-        outcome = aggregate_streamed_groups(base, base_tensors, round_, settings)
-    else:
-        outcome = aggregate_streamed_linear(base_tensors, round_, settings.level2_weighting)
+    plan = ReadPlan.for_round(sum(int(v.size) * 4 for v in base_tensors.values()), len(opened))
+    # The pool only waits on reads (S3 round trips): the arithmetic stays in this thread, in
+    # the same order as without it.
+    with ThreadPoolExecutor(max_workers=PARALLEL_READS, thread_name_prefix="mfed-read") as pool:
+        accepted, refused = validate_all(base_tensors, opened, pool, plan.scan_workers)
+        rejected = rejected + refused
+        if not accepted:
+            raise ValueError("no contribution was accepted; there is nothing to aggregate")
+        if all(c.in_memory for c in accepted):  # nothing to wait for: no threads, no read-ahead
+            round_ = StreamedRound(base_tensors, accepted)
+        else:
+            round_ = StreamedRound(base_tensors, accepted, pool, plan)
+        if settings.level2_rule is not Level2Rule.MEAN or base.sharing.task_level:
+            outcome = aggregate_streamed_groups(base, base_tensors, round_, settings)
+        else:
+            outcome = aggregate_streamed_linear(base_tensors, round_, settings.level2_weighting)
     manifest = build_global_manifest(
         base,
         round_number,

@@ -32,9 +32,11 @@ maps those to the key's new value can fill `OutputModel` the same way `_linear_v
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -43,7 +45,7 @@ from mfed.aggregation.linear import plan_coefficients
 from mfed.aggregation.ownership import SHARED_TRACK, contribution_view, dual_keys, owner_of
 from mfed.aggregation.validate import ContributionRejected, RejectReason
 from mfed.artifacts.manifest import ContributionManifest, GlobalManifest, Rejection
-from mfed.artifacts.ranged import ByteRange
+from mfed.artifacts.ranged import BufferedRange, ByteRange, BytesRange
 from mfed.artifacts.signature import Signature, SignatureMismatch
 from mfed.artifacts.tensorfile import (
     StoredDtype,
@@ -56,10 +58,49 @@ from mfed.artifacts.tensorfile import (
     tensor_from_bytes,
 )
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 if TYPE_CHECKING:  # fedavg imports this module; the settings type is only needed by mypy
     from mfed.aggregation.fedavg import AggregationSettings
 
 _HASH_CHUNK = 8 * 2**20  # bytes hashed per read when a header is unreadable
+
+# Reads. Against S3 every read is a round trip (~5 ms on a quiet loopback), so one read per
+# tensor per site per pass made a ResNet-18 round ~20x slower than downloading its files
+# (bench/aggregation_memory.py --vs-download). Three remedies, none of which changes a value or
+# the order of any sum: the validation pass reads SCAN_CHUNK_BYTES at a time, covering many
+# small tensors per read; the later passes read a file through a small read-ahead block; and
+# the sites' tensors of one key are read PARALLEL_READS at a time. What they may hold is
+# bounded (ReadPlan). Files already in memory (the operator's prefetched small files) are read
+# as before: there is no round trip to save.
+SCAN_CHUNK_BYTES = 4 * 2**20
+READ_AHEAD_BYTES = 2**20
+MIN_READ_AHEAD_BYTES = 64 * 2**10
+PARALLEL_READS = 8
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """How many reads may be in flight and how many bytes they may hold, for a model of
+    `model_bytes` (float32) and `sites` contributions. The validation pass runs before the output
+    buffer exists, so its reads may hold up to about one model; the later passes share the
+    memory with it, so theirs hold at most a quarter of the model (at least 4 MiB)."""
+
+    scan_workers: int
+    read_budget: int
+    read_ahead: int
+
+    @classmethod
+    def for_round(cls, model_bytes: int, sites: int) -> ReadPlan:
+        budget = max(4 * 2**20, model_bytes // 4)
+        read_ahead = min(READ_AHEAD_BYTES, max(MIN_READ_AHEAD_BYTES, budget // (4 * max(sites, 1))))
+        scan_workers = max(1, min(PARALLEL_READS // 2, model_bytes // (4 * SCAN_CHUNK_BYTES)))
+        return cls(scan_workers=scan_workers, read_budget=budget, read_ahead=read_ahead)
+
+
+def _in_memory(source: ByteRange) -> bool:
+    return isinstance(source, BytesRange)
 
 
 @dataclass(frozen=True)
@@ -81,9 +122,21 @@ class RangedContribution:
         entry = index[site_key]
         return tensor_from_bytes(source.read(entry.begin, entry.end - entry.begin), entry)
 
+    @property
+    def in_memory(self) -> bool:
+        return _in_memory(self.delta) and _in_memory(self.decoder)
+
+    def stored_bytes(self, site_key: str) -> int:
+        index = self.decoder_index if site_key.startswith("decoder.") else self.delta_index
+        entry = index[site_key]
+        return entry.end - entry.begin
+
 
 def _scan(site: str, label: str, source: ByteRange, expected_sha: str) -> tuple[TensorIndex, dict[str, bool]]:
-    """Hash the whole file and check its header and each tensor's finiteness, one tensor at a time."""
+    """Hash the whole file and check its header and each tensor's finiteness, one tensor at a time
+    (read SCAN_CHUNK_BYTES at a time: a chunk covers many small tensors)."""
+    if not _in_memory(source):
+        source = BufferedRange(source, SCAN_CHUNK_BYTES)
     hasher = hashlib.sha256()
     size = source.size
     index: TensorIndex | None = None
@@ -215,27 +268,61 @@ class StreamedOutcome:
 class StreamedRound:
     """The validated contributions of one round (sorted by site) and per-key reads over them."""
 
-    def __init__(self, base_tensors: Mapping[str, np.ndarray], contributions: Sequence[RangedContribution]) -> None:
+    def __init__(
+        self,
+        base_tensors: Mapping[str, np.ndarray],
+        contributions: Sequence[RangedContribution],
+        pool: Executor | None = None,
+        plan: ReadPlan | None = None,
+    ) -> None:
+        """`pool` (with `plan`): read the sites' tensors of a key in parallel, files through a
+        read-ahead block. Without it, one read after another (the values are the same)."""
         self.base_tensors = base_tensors
-        self.contributions = sorted(contributions, key=lambda c: c.manifest.site)
+        self._pool, self._plan = pool, plan
+        ordered = sorted(contributions, key=lambda c: c.manifest.site)
+        if plan is not None:
+            ordered = [_read_ahead(c, plan.read_ahead) for c in ordered]
+        self.contributions = ordered
         self.tasks = sorted({c.manifest.task for c in self.contributions})
         self.by_task = {t: [c for c in self.contributions if c.manifest.task == t] for t in self.tasks}
         self.samples = {t: sum(c.manifest.samples for c in self.by_task[t]) for t in self.tasks}
 
+    def _read_in_order(self, wanted: Sequence[tuple[RangedContribution, str]]) -> Iterator[np.ndarray]:
+        """Each (contribution, site key)'s tensor, in the order given; with a pool, as many reads
+        at once as the plan's budget holds of the largest of them (at least one)."""
+
+        def read(c: RangedContribution, key: str) -> np.ndarray:
+            return c.read(key, decoder=key.startswith("decoder."))
+
+        if self._pool is None or self._plan is None or len(wanted) < 2:
+            for c, key in wanted:
+                yield read(c, key)
+            return
+        largest = max(c.stored_bytes(key) for c, key in wanted)
+        window = max(1, min(PARALLEL_READS, self._plan.read_budget // max(largest, 1)))
+        yield from _bounded_map(self._pool, lambda item: read(*item), wanted, window)
+
     def site_tensors(self, site_key: str, task: str | None = None) -> Iterator[tuple[RangedContribution, np.ndarray]]:
         """(contribution, its tensor `site_key`) for every site (of `task`, if given), sorted by site."""
-        decoder = site_key.startswith("decoder.")
-        for c in self.contributions if task is None else self.by_task[task]:
-            yield c, c.read(site_key, decoder=decoder)
+        sites = self.contributions if task is None else self.by_task[task]
+        yield from zip(sites, self._read_in_order([(c, site_key) for c in sites]), strict=True)
 
     def group_sum(self, task: str, site_key: str, *, level2: bool = False) -> np.ndarray:
         """sum_k n_k x_k over the group's sites; `level2` takes a two-track site's shared track."""
+        sites = self.by_task[task]
+        keys = [SHARED_TRACK + site_key if level2 and c.two_track else site_key for c in sites]
         total: np.ndarray | None = None
-        for c in self.by_task[task]:
-            key = SHARED_TRACK + site_key if level2 and c.two_track else site_key
-            total = _accumulate(total, c.read(key, decoder=key.startswith("decoder.")), c.manifest.samples)
+        for c, value in zip(sites, self._read_in_order(list(zip(sites, keys, strict=True))), strict=True):
+            total = _accumulate(total, value, c.manifest.samples)
         assert total is not None  # every group has at least one site
         return total
+
+
+def _read_ahead(c: RangedContribution, block: int) -> RangedContribution:
+    """The contribution with its files read through a read-ahead block (unless in memory)."""
+    delta = c.delta if _in_memory(c.delta) else BufferedRange(c.delta, block)
+    decoder = c.decoder if _in_memory(c.decoder) else BufferedRange(c.decoder, block)
+    return replace(c, delta=delta, decoder=decoder)
 
 
 def aggregate_streamed_linear(
@@ -359,14 +446,42 @@ def aggregate_streamed_groups(
 def validate_all(
     base_tensors: Mapping[str, np.ndarray],
     kept: Sequence[tuple[ContributionManifest, Callable[[ContributionManifest], tuple[ByteRange, ByteRange]]]],
+    pool: Executor | None = None,
+    workers: int = 1,
 ) -> tuple[list[RangedContribution], list[Rejection]]:
-    """Pass 1 over every (sorted) candidate: the accepted ones and the typed rejections."""
-    accepted: list[RangedContribution] = []
-    rejected: list[Rejection] = []
-    for manifest, open_files in sorted(kept, key=lambda item: item[0].site):
+    """Pass 1 over every (sorted) candidate: the accepted ones and the typed rejections. With a
+    pool, `workers` sites are validated at once; the outcome is the same, in site order."""
+
+    def check(item: tuple[ContributionManifest, Callable[..., tuple[ByteRange, ByteRange]]]) -> object:
+        manifest, open_files = item
         try:
             delta, decoder = open_files(manifest)
-            accepted.append(validate_ranged(manifest, delta, decoder, base_tensors))
+            return validate_ranged(manifest, delta, decoder, base_tensors)
         except ContributionRejected as exc:
-            rejected.append(Rejection(site=exc.site, reason=exc.reason.value, detail=exc.detail))
+            return Rejection(site=exc.site, reason=exc.reason.value, detail=exc.detail)
+
+    ordered = sorted(kept, key=lambda item: item[0].site)
+    if pool is None or workers < 2:
+        outcomes: Iterator[object] = map(check, ordered)
+    else:
+        outcomes = _bounded_map(pool, check, ordered, workers)
+    accepted: list[RangedContribution] = []
+    rejected: list[Rejection] = []
+    for outcome in outcomes:
+        if isinstance(outcome, RangedContribution):
+            accepted.append(outcome)
+        else:
+            assert isinstance(outcome, Rejection)
+            rejected.append(outcome)
     return accepted, rejected
+
+
+def _bounded_map(pool: Executor, fn: Callable[[T], R], items: Sequence[T], window: int) -> Iterator[R]:
+    """fn over items on the pool, at most `window` at once, results in order."""
+    pending: deque[Future[R]] = deque()
+    for item in items:
+        if len(pending) >= window:
+            yield pending.popleft().result()
+        pending.append(pool.submit(fn, item))
+    while pending:
+        yield pending.popleft().result()

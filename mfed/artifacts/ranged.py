@@ -52,3 +52,36 @@ class FileRange:
         with self._path.open("rb") as handle:
             handle.seek(offset)
             return handle.read(length)
+
+
+class BufferedRange:
+    """A ByteRange that reads `block` bytes ahead: consecutive small reads (a file's small
+    tensors, one after another) cost one read of the underlying range, not one each. A read of
+    `block` bytes or more goes through unbuffered. Holds at most one block; not thread-safe
+    (one reader at a time per file, as the aggregation reads)."""
+
+    def __init__(self, inner: ByteRange, block: int) -> None:
+        self._inner = inner
+        self._block = max(1, block)
+        self._start = 0
+        self._data = b""
+
+    @property
+    def size(self) -> int:
+        return self._inner.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset >= self._start and offset + length <= self._start + len(self._data):
+            begin = offset - self._start
+            return self._data[begin : begin + length]
+        if length >= self._block:
+            return self._inner.read(offset, length)
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"range [{offset}, {offset + length}) is outside the {self.size} bytes")
+        self._data = b""  # never two blocks at once
+        self._start, self._data = offset, self._inner.read(offset, min(self._block, self.size - offset))
+        return self._data[:length]
+
+    def drop(self) -> None:
+        """Forget the block (between passes: its memory is better spent elsewhere)."""
+        self._data = b""

@@ -14,6 +14,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from mfed.aggregation import streaming
 from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
 from mfed.aggregation.fedavg import AggregationSettings, ContributionSource, aggregate
 from mfed.aggregation.ownership import layout_global
@@ -77,22 +78,98 @@ def _contributions(base, tasks, decoders, rng, *, dtype=StoredDtype.F32):
     return out
 
 
-def _sources(items, *, ranged: bool) -> list[ContributionSource]:
+class RemoteRange:
+    """Bytes behind a ByteRange that is not a BytesRange, so the aggregator reads it as it reads
+    S3 (read-ahead blocks, chunked validation, parallel reads); every read is logged. What it
+    does not have: S3's latency (bench/aggregation_memory.py --vs-download measures that)."""
+
+    def __init__(self, data: bytes, log: list[tuple[int, int]]) -> None:
+        self._data, self._log = data, log
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        assert offset >= 0 and offset + length <= len(self._data)
+        self._log.append((offset, length))
+        return self._data[offset : offset + length]
+
+
+def _sources(items, *, ranged: bool, remote_log: list | None = None) -> list[ContributionSource]:
+    def opened(d, c):
+        if remote_log is not None:
+            return RemoteRange(d, remote_log), RemoteRange(c, remote_log)
+        return BytesRange(d), BytesRange(c)
+
     def one(m, d, c):
         return ContributionSource(
             site=m.site,
             read_manifest=lambda: m,
             read_files=lambda _m: (d, c),
-            open_files=(lambda _m: (BytesRange(d), BytesRange(c))) if ranged else None,
+            open_files=(lambda _m: opened(d, c)) if ranged else None,
         )
 
     return [one(*item) for item in items]
 
 
-def _both(base, tensors, items, settings):
+def _both(base, tensors, items, settings, remote_log=None):
     whole = aggregate(base, tensors, 1, _sources(items, ranged=False), settings)
-    streamed = aggregate(base, tensors, 1, _sources(items, ranged=True), settings)
+    streamed = aggregate(base, tensors, 1, _sources(items, ranged=True, remote_log=remote_log), settings)
     return whole, streamed
+
+
+@pytest.fixture
+def small_reads(monkeypatch):
+    """Blocks and chunks of a few hundred bytes: every read-ahead block and validation chunk of
+    these small test models then ends inside a tensor, the case that could go wrong."""
+    monkeypatch.setattr(streaming, "SCAN_CHUNK_BYTES", 300)
+    monkeypatch.setattr(streaming, "READ_AHEAD_BYTES", 200)
+    monkeypatch.setattr(streaming, "MIN_READ_AHEAD_BYTES", 200)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_streamed_aggregation_over_remote_reads_gives_the_same_bytes(path, groups, small_reads):
+    sharing, settings = PATHS[path]
+    tasks = [f"t{i}" for i in range(groups)]
+    base, tensors, decoders = _base(tasks, sharing)
+    items = _contributions(base, tasks, decoders, np.random.default_rng(5))
+    log: list[tuple[int, int]] = []
+    whole, streamed = _both(base, tensors, items, settings, remote_log=log)
+    assert streamed.model_bytes == whole.model_bytes
+    assert streamed.manifest.to_json() == whole.manifest.to_json()
+    assert log  # the remote path was taken
+
+
+def test_remote_reads_cover_many_small_tensors_per_read(monkeypatch):
+    base, tensors, decoders = _base(["a", "b"], SharingPolicy())
+    items = _contributions(base, ["a", "b"], decoders, np.random.default_rng(6))
+    per_tensor: list[tuple[int, int]] = []
+    monkeypatch.setattr(streaming, "SCAN_CHUNK_BYTES", 1)  # one read per tensor, as before
+    monkeypatch.setattr(streaming, "READ_AHEAD_BYTES", 1)
+    monkeypatch.setattr(streaming, "MIN_READ_AHEAD_BYTES", 1)
+    _both(base, tensors, items, AggregationSettings(), remote_log=per_tensor)
+    monkeypatch.undo()
+    buffered: list[tuple[int, int]] = []
+    whole, streamed = _both(base, tensors, items, AggregationSettings(), remote_log=buffered)
+    assert streamed.model_bytes == whole.model_bytes
+    # files of a few hundred bytes: with the default chunk and block, each of a site's two
+    # files is read once per pass (validation, output), where one read per tensor took 3x more
+    assert len(buffered) == 2 * 2 * len(items)
+    assert len(per_tensor) >= 3 * len(buffered)
+
+
+def test_a_corrupt_remote_file_is_rejected_with_the_same_reason(small_reads):
+    base, tensors, decoders = _base(["a", "b"], SharingPolicy())
+    items = _contributions(base, ["a", "b"], decoders, np.random.default_rng(7))
+    m, d, c = items[0]
+    flipped = bytearray(d)
+    flipped[-3] ^= 0xFF  # inside the last tensor: only the checksum notices
+    items[0] = (m, bytes(flipped), c)
+    for log in (None, []):
+        result = aggregate(base, tensors, 1, _sources(items, ranged=True, remote_log=log), AggregationSettings())
+        assert [(r.site, r.reason) for r in result.manifest.rejected] == [(m.site, "ChecksumMismatch")]
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])

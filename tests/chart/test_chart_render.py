@@ -440,3 +440,18 @@ def test_the_operator_pod_meets_the_restricted_pod_security_standard(helm: Helm,
         assert set(container["securityContext"]["capabilities"].get("add", [])) <= {"NET_BIND_SERVICE"}
         assert security["seccompProfile"]["type"] in ("RuntimeDefault", "Localhost")
         assert not any(p.get("hostPort") for p in container.get("ports", []))
+
+
+def test_kubectl_get_federationrounds_shows_dm_vs_local_from_the_installed_crd(helm: Helm) -> None:
+    """The CRD the chart installs (helm template --include-crds, what `helm install` applies)
+    has the `dm% vs Local` column, shown by default (priority 0), reading the field the operator
+    writes (tests/e2e/test_baselines.py checks the field's value). What this does not run:
+    kube-apiserver's table rendering of the column (no API server here)."""
+    crds = [d for d in helm.template({}, "--include-crds") if d.get("kind") == "CustomResourceDefinition"]
+    rounds = next(d for d in crds if d["spec"]["names"]["kind"] == "FederationRound")
+    columns = {c["name"]: c for c in rounds["spec"]["versions"][0]["additionalPrinterColumns"]}
+    column = columns["dm% vs Local"]
+    assert column["jsonPath"] == ".status.summary.dmLocal"
+    assert column["type"] == "string" and column.get("priority", 0) == 0
+    status = rounds["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    assert status["properties"]["summary"]["properties"]["dmLocal"]["type"] == "string"

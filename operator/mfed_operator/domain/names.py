@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 
+from mfed.naming import FEDERATIONROUNDS as FEDERATIONROUNDS  # re-exported: one definition in mfed
+from mfed.naming import GROUP as GROUP
 from mfed.naming import MAX_DNS_LABEL, dns_name
+from mfed.naming import VERSION as VERSION
 
-GROUP = "mfed.dev"
-VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 SITETASKS = "sitetasks"
-FEDERATIONROUNDS = "federationrounds"
 SITETASK_KIND = "SiteTask"
 ROUND_KIND = "FederationRound"
 

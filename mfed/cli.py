@@ -59,7 +59,7 @@ def _pilot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         description=(
             "Run a whole federation on this machine with the real trainer and aggregator: "
             "Local, Task-FedAvg, Encoder-FedAvg and M-Fed side by side. Prints a table of "
-            "per-task metrics and dm%% versus Local, writes results.json and metrics.png."
+            "per-task metrics and dm% versus Local, writes results.json and metrics.png."
         ),
     )
     p.add_argument(

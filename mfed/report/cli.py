@@ -23,7 +23,7 @@ def add_report_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         description=(
             "Report a chain of FederationRounds run with spec.evaluation.baselines: [local]: per task, "
             "the federated model's and the Local baseline's scores as the sites measured them on their "
-            "own test split (else validation), dm%% vs Local, steps and bytes uploaded per site per "
+            "own test split (else validation), dm% vs Local, steps and bytes uploaded per site per "
             "round, in the same table, results.json and metrics.png as `mfed pilot`. Reads the rounds "
             "through the Kubernetes API (kubeconfig, else in-cluster), or with --artifacts from the "
             "contribution manifests in S3 (credentials from AWS_* and MFED_S3_ENDPOINT as the trainer's)."

@@ -64,11 +64,12 @@ def test_method_names_parse_with_dashes_and_unknown_names_list_the_choices():
 
 
 def test_the_scarce_scenario_gives_small_and_large_sites_the_same_steps():
-    # A 50-image site (2 steps an epoch) and a 3000-image one (75) both train 20 steps a round:
-    # auto's two tracks 10 + 10 (its shared-track cap of 20 is more than half the round).
+    # A 50-image site (2 steps an epoch) and a 3000-image one (75) both train 100 steps a round
+    # (3000 over 30 rounds): auto's two tracks 80 + 20 (its shared track is capped at 20).
     scarce = PilotConfig(**SCENARIOS["scarce"], methods=(Method.LOCAL, Method.AUTO))
-    assert scarce.track_steps(Method.LOCAL) == (20, None) and scarce.track_steps(Method.AUTO) == (10, 10)
-    assert plan_for(scarce, Method.LOCAL).min_steps == 20 == plan_for(scarce, Method.AUTO).min_steps
+    assert scarce.steps == 3000
+    assert scarce.track_steps(Method.LOCAL) == (100, None) and scarce.track_steps(Method.AUTO) == (80, 20)
+    assert plan_for(scarce, Method.LOCAL).min_steps == 100 == plan_for(scarce, Method.AUTO).min_steps
 
 
 def _config(*argv: str) -> PilotConfig:

@@ -81,7 +81,3 @@ class BufferedRange:
         self._data = b""  # never two blocks at once
         self._start, self._data = offset, self._inner.read(offset, min(self._block, self.size - offset))
         return self._data[:length]
-
-    def drop(self) -> None:
-        """Forget the block (between passes: its memory is better spent elsewhere)."""
-        self._data = b""

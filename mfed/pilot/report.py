@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,20 @@ METHOD_LABELS = {
 }
 
 
-def _mean_by_task(run: MethodRun, scores: Mapping[str, float]) -> dict[str, float]:
-    """Per task, the mean over its sites, weighted by their training samples when known."""
-    by_task: dict[str, list[float]] = {}
+def _weighted_by_task(scored: Iterable[tuple[MethodRun, str, float]]) -> dict[str, float]:
+    """Per task, the mean of (run, site, value) over its sites, each weighted by the site's
+    training samples when the run knows them (a cluster's chain), else equally (the pilot)."""
+    values: dict[str, list[float]] = {}
     weights: dict[str, list[float]] = {}
-    for site, value in sorted(scores.items()):
-        by_task.setdefault(run.task_of(site), []).append(value)
-        weights.setdefault(run.task_of(site), []).append(float(run.site_samples.get(site, 1)))
-    return {task: statistics.fmean(values, weights[task]) for task, values in sorted(by_task.items())}
+    for run, site, value in scored:
+        task = run.task_of(site)
+        values.setdefault(task, []).append(value)
+        weights.setdefault(task, []).append(float(run.site_samples.get(site, 1)))
+    return {task: statistics.fmean(v, weights[task]) for task, v in sorted(values.items())}
+
+
+def _mean_by_task(run: MethodRun, scores: Mapping[str, float]) -> dict[str, float]:
+    return _weighted_by_task((run, site, value) for site, value in sorted(scores.items()))
 
 
 def task_metrics(run: MethodRun) -> dict[str, float]:
@@ -74,21 +80,17 @@ def _mean_curve(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
     (weighted by the sites' samples when known, as the table)."""
     points = []
     for index in range(min(len(r.curve) for r in runs)):
-        scores: dict[str, list[float]] = {}
-        weights: dict[str, list[float]] = {}
         steps: dict[str, list[int]] = {}
         for run in runs:
             point = run.curve[index]
-            for site, value in point.test.items():
-                task = run.task_of(site)
-                scores.setdefault(task, []).append(value)
-                weights.setdefault(task, []).append(float(run.site_samples.get(site, 1)))
-                steps.setdefault(task, []).append(point.steps[site])
+            for site in point.test:
+                steps.setdefault(run.task_of(site), []).append(point.steps[site])
+        scored = ((run, site, value) for run in runs for site, value in run.curve[index].test.items())
         points.append(
             {
                 "point": runs[0].curve[index].index,
                 "steps": {t: statistics.fmean(v) for t, v in sorted(steps.items())},
-                "metrics": {t: statistics.fmean(v, weights[t]) for t, v in sorted(scores.items())},
+                "metrics": _weighted_by_task(scored),
             }
         )
     return points

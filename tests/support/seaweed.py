@@ -37,13 +37,25 @@ def _port_free(port: int) -> bool:
     return True
 
 
+GRPC_OFFSET = 10000
+# weed mini refuses a port that is one of its own default ports or their gRPC twins ("port
+# 33646 ... is reserved for gRPC calculation": the admin server's default 23646 + 10000; a CI
+# run failed on it), so those are never picked.
+_WEED_DEFAULT_PORTS = (23646, 6060, 8888, 9333, 9340, 8333, 8181, 9101, 7333, 17777)
+_WEED_RESERVED = frozenset(_WEED_DEFAULT_PORTS) | {port + GRPC_OFFSET for port in _WEED_DEFAULT_PORTS}
+# Below the kernel's ephemeral range (32768+ here and by default), so no outgoing connection
+# can take a port between the check and weed binding it; the gRPC twins stay below it too.
+_PORT_RANGE = (11000, 22500)
+
+
 def _pick_ports(count: int) -> list[int]:
-    """Ports whose +10000 gRPC twins are free too (weed opens both)."""
+    """Ports whose +10000 gRPC twins are free too (weed opens both), none weed reserves."""
     chosen: list[int] = []
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
     while len(chosen) < count:
-        port = rng.randrange(20000, 45000)
-        if port in chosen or port + 10000 in chosen:
+        port = rng.randrange(*_PORT_RANGE)
+        twin = port + GRPC_OFFSET
+        if {port, twin} & (set(chosen) | {c + GRPC_OFFSET for c in chosen} | _WEED_RESERVED):
             continue
         if _port_free(port) and _port_free(port + 10000):
             chosen.append(port)
@@ -61,7 +73,7 @@ def weed_binary() -> str:
 @dataclass
 class SeaweedFS:
     workdir: Path
-    ports: list[int] = field(default_factory=lambda: _pick_ports(4))
+    ports: list[int] = field(default_factory=lambda: _pick_ports(5))
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -85,7 +97,7 @@ class SeaweedFS:
                 }
             )
         )
-        s3, master, volume, filer = self.ports
+        s3, master, volume, filer, admin = self.ports
         log = (self.workdir / "weed.log").open("ab")
         self.process = subprocess.Popen(
             [
@@ -97,6 +109,8 @@ class SeaweedFS:
                 "-master.telemetry=false",
                 "-webdav=false",
                 "-admin.ui=false",
+                # The admin server starts even without its UI, on 23646 unless told otherwise.
+                f"-admin.port={admin}",
                 f"-s3.port={s3}",
                 "-s3.port.iceberg=0",
                 "-s3.port.lance=0",
@@ -137,7 +151,8 @@ class SeaweedFS:
 
     def _ready(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"weed exited with {self.process.returncode}")
+            log = (self.workdir / "weed.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"weed exited with {self.process.returncode}; its log ends:\n{log}")
         try:
             self.client().list_buckets()
         except Exception:

@@ -32,6 +32,7 @@ import numpy as np
 from mfed.aggregation.crosstask import GroupUpdate, Level2Rule, Level2Weighting, level2, weighted_mean
 from mfed.aggregation.linear import Candidate, aggregate_linear, screen_manifests
 from mfed.aggregation.ownership import SHARED_TRACK, dual_keys, owner_of
+from mfed.aggregation.private_round import combine_private
 from mfed.aggregation.robust import RobustSettings
 from mfed.aggregation.robust_round import combine_round, read_valid, screen_norms
 from mfed.aggregation.streaming import (
@@ -59,6 +60,8 @@ from mfed.artifacts.manifest import (
 )
 from mfed.artifacts.ranged import ByteRange
 from mfed.artifacts.tensorfile import encode_tensors, sha256_hex
+from mfed.privacy.ledger import PrivacyLedger
+from mfed.privacy.settings import PrivacySettings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,8 +78,13 @@ class AggregationSettings:
     gate_threshold: float = 0.0
     gate_momentum: float = 0.5
     robust: RobustSettings = RobustSettings()  # median / trimmed-mean / norm screen (robust.py)
+    privacy: PrivacySettings | None = None  # clipped updates + Gaussian noise (private_round.py)
 
     def __post_init__(self) -> None:
+        if self.privacy is not None and (self.level2_rule is not Level2Rule.MEAN or not self.robust.is_default):
+            raise ValueError(
+                "differential privacy combines with the mean rule only (level2Rule mean, rule mean, no normFactor)"
+            )
         if not self.robust.is_default and self.level2_rule is not Level2Rule.MEAN:
             raise ValueError(f"a robust rule combines with level2_rule mean only, got {self.level2_rule.value}")
         if not (math.isfinite(self.cagrad_c) and self.cagrad_c >= 0):
@@ -99,7 +107,21 @@ class AggregationSettings:
             )
         if not self.robust.is_default:
             out["robust"] = self.robust.to_dict()
-        return out
+        return out  # the privacy settings go into the manifest with the ledger (privacy_record)
+
+
+def privacy_record(base: GlobalManifest, settings: AggregationSettings) -> dict[str, Any] | None:
+    """The chain's privacy ledger after this round, for the new model's manifest; None when
+    neither this round nor any before it was private (those manifests keep their bytes)."""
+    if settings.privacy is None and "privacy" not in base.aggregation:
+        return None
+    ledger = PrivacyLedger.of_model(base.aggregation, base.round)
+    after = ledger.after(settings.privacy.noise_multiplier if settings.privacy else None)
+    if settings.privacy is not None:
+        return {**settings.privacy.to_dict(), **after.to_dict(settings.privacy.delta)}
+    earlier = base.aggregation["privacy"]
+    delta = float(earlier.get("delta", 1e-5)) if isinstance(earlier, Mapping) else 1e-5
+    return after.to_dict(delta)
 
 
 @dataclass
@@ -305,6 +327,7 @@ def build_global_manifest(
             **settings.to_dict(),
             **(evidence or {}),
             "level2Weights": dict(sorted(level2_weights.items())),
+            **({"privacy": record} if (record := privacy_record(base, settings)) is not None else {}),
         },
     )
 
@@ -328,12 +351,14 @@ def aggregate(
     round_number: int,
     sources: Iterable[ContributionSource],
     settings: AggregationSettings = AggregationSettings(),
+    noise_rng: np.random.Generator | None = None,
 ) -> AggregationResult:
     """Stream every source (sorted by site) through validation into one accumulator.
 
     Unreadable or invalid contributions are recorded in the result's `rejected`; errors other
     than bad data (e.g. storage outages) propagate so the caller can retry the whole round.
-    Raises ValueError when no contribution is accepted.
+    Raises ValueError when no contribution is accepted. Under settings.privacy the noise comes
+    from `noise_rng`, by default fresh OS entropy: noise anyone could regenerate protects nothing.
     """
     rejected: list[Rejection] = []
     readable: list[tuple[ContributionSource, ContributionManifest]] = []
@@ -344,6 +369,9 @@ def aggregate(
             rejected.append(Rejection(site=exc.site, reason=exc.reason.value, detail=exc.detail))
     kept, refused = screen_manifests(base, round_number, [(s.site, m, s) for s, m in readable])
     rejected += refused
+    if settings.privacy is not None:
+        rng = noise_rng if noise_rng is not None else np.random.default_rng()
+        return _aggregate_private(base, base_tensors, round_number, kept, rejected, settings, rng)
     if not settings.robust.is_default:
         # whole contributions in memory (not yet streamed tensor by tensor like the rules below)
         return _aggregate_robust(base, base_tensors, round_number, kept, rejected, settings)
@@ -420,6 +448,29 @@ def _aggregate_robust(
     model_bytes = encode_tensors(tensors)
     accepted = [c.manifest for c in valid]
     manifest = build_global_manifest(base, round_number, model_bytes, accepted, rejected, settings, weights)
+    return AggregationResult(model_bytes=model_bytes, manifest=manifest, tensors=tensors)
+
+
+def _aggregate_private(
+    base: GlobalManifest,
+    base_tensors: Mapping[str, np.ndarray],
+    round_number: int,
+    kept: list[tuple[str, ContributionManifest, ContributionSource]],
+    rejected: list[Rejection],
+    settings: AggregationSettings,
+    rng: np.random.Generator,
+) -> AggregationResult:
+    """Clipped updates + Gaussian noise per task group (private_round.py); literal layout only."""
+    assert settings.privacy is not None
+    if base.sharing.task_level:
+        raise ValueError("differential privacy does not support task-level copies of the shared encoder")
+    valid, unreadable = read_valid(base, base_tensors, kept)
+    tensors, weights = combine_private(base_tensors, valid, settings.privacy, settings.level2_weighting, rng)
+    model_bytes = encode_tensors(tensors)
+    accepted = [c.manifest for c in valid]
+    manifest = build_global_manifest(
+        base, round_number, model_bytes, accepted, rejected + unreadable, settings, weights
+    )
     return AggregationResult(model_bytes=model_bytes, manifest=manifest, tensors=tensors)
 
 

@@ -134,6 +134,13 @@ CASES = [
     Case("level-2 rule added later", FR, _set("spec.aggregation.level2Rule", "cagrad"), "spec", "spec.aggregation.level2Rule is immutable once the round exists", _unchanged),
     Case("CAGrad radius changed", FR, _set("spec.aggregation.cagradC", 0.5), "spec", "spec.aggregation.cagradC is immutable", _set("spec.aggregation.cagradC", 0.4)),
     Case("gate threshold removed", FR, _unchanged, "spec", "spec.aggregation.gateThreshold is immutable", _set("spec.aggregation.gateThreshold", 0.1)),
+    Case("robust rule added later", FR, _set("spec.aggregation.rule", "median"), "spec", "spec.aggregation.rule is immutable once the round exists", _unchanged),
+    Case("trim changed", FR, _set("spec.aggregation.trim", 0.3), "spec", "spec.aggregation.trim is immutable", _set("spec.aggregation.trim", 0.2)),
+    Case("norm screen dropped", FR, _unchanged, "spec", "spec.aggregation.normFactor is immutable", _set("spec.aggregation.normFactor", 3)),
+    Case("privacy loosened mid-round", FR, _set("spec.privacy", {"clipNorm": 1.0, "noiseMultiplier": 0.5}), "spec", "spec.privacy is immutable once the round exists", _set("spec.privacy", {"clipNorm": 1.0, "noiseMultiplier": 1.0})),
+    Case("privacy without noise", FR, _set("spec.privacy", {"clipNorm": 1.0, "noiseMultiplier": 0}), "spec.privacy.noiseMultiplier", "less than or equal to the minimum of 0"),
+    Case("privacy without a clip norm", FR, _set("spec.privacy", {"noiseMultiplier": 1.0}), "spec.privacy", "'clipNorm' is a required property"),
+    Case("a typo'd robust rule", FR, _set("spec.aggregation.rule", "medain"), "spec.aggregation.rule", "'medain' is not one of"),
     Case("baselines changed", FR, _set("spec.evaluation", {"baselines": []}), "spec.evaluation", "spec.evaluation is immutable once the round exists", _set("spec.evaluation", {"baselines": ["local"]})),
     # FederationRound: schema
     Case("typo'd baseline", FR, _set("spec.evaluation", {"baselines": ["locl"]}), "spec.evaluation.baselines[0]", "'locl' is not one of ['local']"),

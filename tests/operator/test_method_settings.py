@@ -121,3 +121,52 @@ def test_the_documented_auto_round_is_a_valid_round() -> None:
 @pytest.mark.parametrize("method", ["m-fed", "task-fedavg", "encoder-fedavg", "auto"])
 def test_min_steps_is_a_training_setting_every_method_honours(method: str) -> None:
     assert training_spec(round_view(training={"method": method, "minSteps": 7})).min_steps == 7
+
+
+def test_privacy_and_robust_fields_reach_the_aggregator() -> None:
+    r = round_view(
+        aggregation={"rule": "trimmed-mean", "trim": 0.3, "normFactor": 4},
+        privacy=None,
+    )
+    settings = aggregation_settings(r)
+    assert settings.robust.to_dict() == {"rule": "trimmed-mean", "trim": 0.3, "normFactor": 4.0}
+    private = aggregation_settings(
+        round_view(privacy={"clipNorm": 0.5, "noiseMultiplier": 1.2, "epsilonBudget": 8})
+    ).privacy
+    assert private is not None
+    assert (private.clip_norm, private.noise_multiplier, private.delta, private.epsilon_budget) == (0.5, 1.2, 1e-5, 8)
+
+
+DP = {"clipNorm": 1.0, "noiseMultiplier": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"privacy": DP, "training": {"method": "auto"}}, r"spec\.privacy:.*task-level"),
+        ({"privacy": DP, "training": {"method": "cagrad"}}, r"spec\.privacy:.*level2Rule cagrad"),
+        ({"aggregation": {"rule": "median"}, "training": {"method": "mix"}}, r"spec\.aggregation\.rule:.*task-level"),
+        ({"aggregation": {"rule": "median", "level2Rule": "gated"}}, r"spec\.aggregation\.rule:.*mean"),
+    ],
+)  # fmt: skip
+def test_a_method_that_cannot_take_privacy_or_a_robust_rule_fails_naming_the_field(
+    spec: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ResourceError, match=message):
+        check_settings(round_view(**spec))
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"privacy": {"clipNorm": 0, "noiseMultiplier": 1.0}}, "spec.privacy.clipNorm"),
+        ({"privacy": {"clipNorm": 1.0}}, "spec.privacy.noiseMultiplier"),
+        ({"privacy": {"clipNorm": 1.0, "noiseMultiplier": 1.0, "delta": 2}}, "spec.privacy.delta"),
+        ({"aggregation": {"rule": "median", "trim": 0.1}}, "spec.aggregation.trim"),
+        ({"aggregation": {"rule": "trimmed-mean", "trim": 0.5}}, "spec.aggregation.trim"),
+        ({"aggregation": {"normFactor": 0.5}}, "spec.aggregation.normFactor"),
+    ],
+)
+def test_invalid_privacy_and_robust_fields_name_the_field(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(ResourceError, match=field.replace(".", r"\.")):
+        round_view(**spec)

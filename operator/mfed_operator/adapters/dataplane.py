@@ -12,6 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from mfed.aggregation.fedavg import ContributionSource, RoundAggregator, aggregate
 from mfed.aggregation.validate import ContributionRejected, RejectReason
@@ -19,6 +20,7 @@ from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, MANIFEST_FILE, MODEL
 from mfed.artifacts.manifest import ContributionManifest, ManifestError
 from mfed.artifacts.ranged import ByteRange, BytesRange
 from mfed.model_store import GlobalModel, GlobalModelError, check_global_model_present, read_global_model
+from mfed.privacy.ledger import PrivacyLedger
 from mfed.storage import NotFound, Storage
 from mfed_operator.domain.actions import (
     Aggregate,
@@ -108,6 +110,10 @@ def inspect_base(storage: CountingStorage, uri: str) -> BaseSummary:
         name: BaseTask(type=info.type, params=dict(info.params), decoder=info.decoder)
         for name, info in manifest.tasks.items()
     }
+    try:
+        privacy = PrivacyLedger.of_model(manifest.aggregation, manifest.round)
+    except ValueError as exc:
+        raise GlobalModelError(f"{uri}: {exc}") from None
     return BaseSummary(
         uri=uri,
         sha256=manifest.digest,
@@ -115,6 +121,7 @@ def inspect_base(storage: CountingStorage, uri: str) -> BaseSummary:
         encoder=manifest.encoder,
         sharing=manifest.sharing,
         tasks=tasks,
+        privacy=privacy,
     )
 
 
@@ -283,4 +290,21 @@ def aggregate_round(
         rejected=rejected,
         seconds=time.monotonic() - started,
         bytes_read=storage.read_bytes - read_before,
+        privacy=status_privacy(result.manifest.aggregation.get("privacy")),
     )
+
+
+def status_privacy(record: object) -> dict[str, Any] | None:
+    """The ledger for the round's status: epsilon so far, at which delta, over how many rounds."""
+    if not isinstance(record, Mapping):
+        return None
+    out: dict[str, Any] = {
+        "epsilon": record.get("epsilon"),
+        "delta": record.get("delta"),
+        "rounds": sum(int(n) for _z, n in record.get("releases") or ()),
+        "unprotectedRounds": record.get("unprotectedRounds", 0),
+    }
+    for key in ("noiseMultiplier", "clipNorm", "epsilonBudget"):
+        if key in record:
+            out[key] = record[key]
+    return out

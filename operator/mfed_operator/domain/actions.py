@@ -141,6 +141,7 @@ class Aggregated:
     rejected: tuple[tuple[str, str, str], ...] = ()  # (site, reason, detail)
     seconds: float = 0.0
     bytes_read: int = 0
+    privacy: Mapping[str, Any] | None = None  # the model manifest's privacy ledger (spec.privacy)
 
 
 @dataclass(frozen=True, kw_only=True)

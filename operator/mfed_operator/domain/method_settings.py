@@ -7,6 +7,8 @@ AggregationSettings from a round, so new aggregation fields are added here only.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
 from mfed.aggregation.fedavg import AggregationSettings
 from mfed.artifacts.layout import join, round_prefix, site_prefix
@@ -51,7 +53,24 @@ def method_plan(r: RoundView) -> MethodPlan:
 
 
 def aggregation_settings(r: RoundView) -> AggregationSettings:
-    return method_plan(r).aggregation
+    """The method's aggregation with spec.aggregation's robust rule and spec.privacy applied;
+    raises ResourceError naming the field when the method cannot take them."""
+    plan = method_plan(r)
+    if plan.sharing.task_level and (r.privacy is not None or not r.robust.is_default):
+        field = "spec.privacy" if r.privacy is not None else "spec.aggregation.rule"
+        raise ResourceError(
+            f"{field}: method {plan.method.value.replace('_', '-')} keeps task-level copies of the shared "
+            "encoder, which robust rules and differential privacy do not support yet; use m-fed, "
+            "task-fedavg or encoder-fedavg"
+        )
+    try:
+        return replace(plan.aggregation, robust=r.robust, privacy=r.privacy)
+    except ValueError as exc:
+        field = "spec.privacy" if r.privacy is not None else "spec.aggregation.rule"
+        raise ResourceError(
+            f"{field}: {exc}; method {plan.method.value.replace('_', '-')} uses level2Rule "
+            f"{plan.aggregation.level2_rule.value} (set spec.aggregation.level2Rule: mean, or use m-fed)"
+        ) from None
 
 
 def training_spec(r: RoundView) -> TrainingSpec:
@@ -82,6 +101,7 @@ def check_settings(r: RoundView) -> None:
         training_spec(r)
     except SpecError as exc:
         raise ResourceError(f"spec.{exc.path}: {exc.message}") from None
+    aggregation_settings(r)
 
 
 def round_root(r: RoundView) -> str:

@@ -496,9 +496,17 @@ def apply_outcome(status: RoundStatus, outcome: Outcome, desired: Desired, now: 
             global_sha256=outcome.sha256,
             global_size=outcome.size,
             tasks={k: dict(v) for k, v in outcome.tasks.items()},
+            privacy=outcome.privacy,
         )
         excluded = [s for s in status.sites if s.phase is not SitePhase.ACCEPTED]
         message = f"global model {outcome.sha256[:12]} from {len(outcome.contributors)} sites at {outcome.uri}"
+        if outcome.privacy:
+            epsilon = outcome.privacy.get("epsilon")
+            message += (
+                f"; epsilon {epsilon:.3g} at delta {outcome.privacy.get('delta'):g} over the chain"
+                if isinstance(epsilon, (int, float))
+                else "; no finite epsilon: earlier rounds of the chain were aggregated without spec.privacy"
+            )
         if excluded:
             message += "; excluded: " + ", ".join(f"{s.site} ({s.phase.value}: {s.reason})" for s in excluded)
         return transition(status, Phase.SUCCEEDED, "Succeeded", message, now, degraded=bool(excluded))

@@ -164,6 +164,8 @@ class RoundStatus:
     retry: Retry | None = None
     next_round: str | None = None
     sitetasks_reported: bool = False
+    # spec.privacy: the chain's ledger after this round, as the new model's manifest records it
+    privacy: Mapping[str, Any] | None = None
 
     def site(self, name: str) -> SiteRecord | None:
         return next((s for s in self.sites if s.site == name), None)
@@ -237,6 +239,7 @@ class RoundStatus:
             else None,
             next_round=data.get("nextRound"),
             sitetasks_reported=bool(data.get("siteTasksReported")),
+            privacy=dict(data["privacy"]) if isinstance(data.get("privacy"), Mapping) else None,
         )
 
     def render(self, generation: int, now: datetime) -> dict[str, Any]:
@@ -279,6 +282,7 @@ class RoundStatus:
             "retry": self.retry.to_dict() if self.retry else None,
             "nextRound": self.next_round,
             "siteTasksReported": self.sitetasks_reported or None,
+            "privacy": dict(self.privacy) if self.privacy else None,
         }
 
 

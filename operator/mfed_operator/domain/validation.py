@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from mfed.privacy.ledger import PrivacyLedger
 from mfed.registry import KINDS, Catalog
 from mfed.spec import ArchSpec, SharingPolicy
 from mfed_operator.domain.method_settings import method_plan
@@ -234,6 +235,31 @@ class BaseSummary:
     encoder: ArchSpec
     sharing: SharingPolicy
     tasks: Mapping[str, BaseTask]
+    privacy: PrivacyLedger = PrivacyLedger()  # what the model's chain has released so far
+
+
+def privacy_budget_problem(base: BaseSummary, r: RoundView) -> Problem | None:
+    """Refuse, before any site trains, a round that would take its chain past spec.privacy.epsilonBudget."""
+    privacy = r.privacy
+    if privacy is None or privacy.epsilon_budget is None:
+        return None
+    after = base.privacy.after(privacy.noise_multiplier)
+    if after.unprotected_rounds:
+        return Problem(
+            "PrivacyBudgetExceeded",
+            f"the initial model at {base.uri} comes from {after.unprotected_rounds} round(s) aggregated without "
+            "spec.privacy, so no finite epsilon holds for its sites; start a fresh chain (spec.initialModel.seed) "
+            "with spec.privacy set, or drop spec.privacy.epsilonBudget",
+        )
+    epsilon = after.epsilon(privacy.delta)
+    if epsilon > privacy.epsilon_budget:
+        return Problem(
+            "PrivacyBudgetExceeded",
+            f"this round would bring the chain to epsilon {epsilon:.3g} at delta {privacy.delta:g} after "
+            f"{after.rounds} private rounds, above spec.privacy.epsilonBudget {privacy.epsilon_budget:g}; "
+            "the chain stops here (raise the budget or spec.privacy.noiseMultiplier to go on)",
+        )
+    return None
 
 
 def check_base(base: BaseSummary, r: RoundView, sites: Sequence[SiteTaskView]) -> list[Problem]:
@@ -266,6 +292,9 @@ def check_base(base: BaseSummary, r: RoundView, sites: Sequence[SiteTaskView]) -
                 "use the same method and spec.encoder.sharing as the rounds before",
             )
         )
+    problem = privacy_budget_problem(base, r)
+    if problem is not None:
+        problems.append(problem)
     for site in sorted(sites, key=lambda s: s.name):
         task = base.tasks.get(site.task_name)
         if task is None:

@@ -15,8 +15,10 @@ from enum import StrEnum
 from typing import Any
 
 from mfed.aggregation.crosstask import Level2Rule
+from mfed.aggregation.robust import RobustRule, RobustSettings
 from mfed.fields import FieldError, Fields
 from mfed.methods import Method
+from mfed.privacy.settings import PrivacySettingError, PrivacySettings
 from mfed.spec import TASK_NAME, ArchSpec, SharingMode, SharingPolicy, SiteStrategy, SpecError
 from mfed_operator.domain.selectors import LabelSelector
 
@@ -296,6 +298,8 @@ class RoundView:
     follow_up_rounds: int
     digest: str  # of everything that must not change mid-round
     baselines: tuple[str, ...] = ()  # spec.evaluation.baselines: what every site also trains alone
+    robust: RobustSettings = RobustSettings()  # spec.aggregation.rule / trim / normFactor
+    privacy: PrivacySettings | None = None  # spec.privacy
 
     @property
     def chain_root(self) -> str:
@@ -316,7 +320,7 @@ def _sharing(f: Fields) -> SharingPolicy:
 
 MUTABLE_SPEC_FIELDS = ("aggregation", "followUpRounds")
 # Aggregation fields that decide the model (not when it is made) are fixed once a round starts.
-LEVEL2_RULE_FIELDS = ("level2Rule", "cagradC", "gateThreshold")
+LEVEL2_RULE_FIELDS = ("level2Rule", "cagradC", "gateThreshold", "rule", "trim", "normFactor")
 
 
 def spec_digest(spec: Mapping[str, Any]) -> str:
@@ -414,6 +418,8 @@ def parse_round(body: Mapping[str, Any]) -> RoundView:
             follow_up_rounds=spec.int("followUpRounds", 0, minimum=0),
             digest=spec_digest(raw_spec),
             baselines=_baselines(spec.obj("evaluation", required=False)),
+            robust=_robust(aggregation),
+            privacy=_privacy(spec.obj("privacy")) if spec.has("privacy") else None,
         )
     except FieldError as exc:
         raise ResourceError(str(exc)) from None
@@ -438,6 +444,35 @@ def _opt_float(f: Fields, name: str, *, minimum: float | None = None, maximum: f
 
 def _opt_choice(f: Fields, name: str, choices: type[StrEnum]) -> str | None:
     return None if not f.has(name) else f.str(name, choices=[c.value for c in choices])
+
+
+def _robust(f: Fields) -> RobustSettings:
+    defaults = RobustSettings()
+    rule = _opt_choice(f, "rule", RobustRule)
+    trim = _opt_float(f, "trim", minimum=0)
+    if trim is not None and trim >= 0.5:
+        raise FieldError(f"{f.path}.trim", f"is the share cut at each end and must be below 0.5, got {trim}")
+    if trim is not None and rule != RobustRule.TRIMMED_MEAN.value:
+        raise FieldError(f"{f.path}.trim", "applies to rule: trimmed-mean only; set the rule or drop trim")
+    return RobustSettings(
+        rule=RobustRule(rule) if rule else defaults.rule,
+        trim=defaults.trim if trim is None else trim,
+        norm_factor=_opt_float(f, "normFactor", minimum=1),
+    )
+
+
+def _privacy(f: Fields) -> PrivacySettings:
+    budget = _opt_float(f, "epsilonBudget")
+    delta = _opt_float(f, "delta")
+    try:
+        return PrivacySettings(
+            clip_norm=f.float("clipNorm"),
+            noise_multiplier=f.float("noiseMultiplier"),
+            delta=1e-5 if delta is None else delta,
+            epsilon_budget=budget,
+        )
+    except PrivacySettingError as exc:
+        raise FieldError(f"{f.path}.{exc.field}", exc.message) from None
 
 
 def _initial(f: Fields) -> InitialModel:

@@ -13,11 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
+from mfed.aggregation.robust import RobustRule, RobustSettings
 from mfed.methods import Method
+from mfed.pilot.attacks import Attack, AttackKind
 from mfed.pilot.config import ALL_METHODS, QUICK, SCENARIOS, PilotConfig, PilotConfigError
+from mfed.privacy.settings import PrivacySettingError, PrivacySettings
 from mfed.report.cli import add_report_command
 from mfed.spec import ArchSpec, Regularizer, SharingPolicy, SiteStrategy, SpecError, TaskSpec
 from mfed.weights.cli import add_weight_commands
+
+PRIVACY_FLAGS = {"clipNorm": "--clip", "noiseMultiplier": "--dp-noise", "delta": "--dp-delta"}
 
 
 def _task_samples(text: str) -> dict[str, int]:
@@ -159,6 +164,31 @@ def _pilot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="processes that train a round's sites side by side (default: one per CPU core, at most one "
         "per site; 0: one after the other in this process); the numbers do not depend on it",
     )
+    p.add_argument(
+        "--rule",
+        choices=[r.value for r in RobustRule],
+        help="how the federated methods combine sites and task groups: mean (default), median or trimmed-mean "
+        "(FederationRound spec.aggregation.rule; docs/privacy.md)",
+    )
+    p.add_argument("--trim", type=float, help="share cut at each end by trimmed-mean (default 0.2)")
+    p.add_argument(
+        "--norm-factor", type=float, help="refuse a site whose update norm is above this x its group's median"
+    )
+    p.add_argument(
+        "--dp-noise",
+        type=float,
+        help="site-level differential privacy: noise multiplier z (noise std z x --clip on each task group's sum "
+        "of clipped updates; FederationRound spec.privacy); needs --clip",
+    )
+    p.add_argument("--clip", type=float, help="L2 bound on a site's round update under --dp-noise")
+    p.add_argument("--dp-delta", type=float, default=1e-5, help="delta of the reported epsilon (default 1e-5)")
+    p.add_argument(
+        "--attack",
+        choices=[a.value for a in AttackKind],
+        help="one site misbehaves: sign-flip or scale (x100) its encoder delta, or train on shuffled labels; "
+        "its own scores are left out of the table (needs --attack-site)",
+    )
+    p.add_argument("--attack-site", help="the misbehaving site, e.g. cls10-0")
     p.add_argument("--out", type=Path, default=Path("runs/pilot"), help="output directory (default runs/pilot)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -216,6 +246,26 @@ def config_from_args(args: argparse.Namespace) -> PilotConfig:
         overrides["shared_steps"] = args.shared_steps
     if args.cagrad_c is not None:
         overrides["cagrad_c"] = args.cagrad_c
+    if args.rule or args.trim is not None or args.norm_factor is not None:
+        defaults = RobustSettings()
+        overrides["robust"] = RobustSettings(
+            rule=RobustRule(args.rule) if args.rule else defaults.rule,
+            trim=defaults.trim if args.trim is None else args.trim,
+            norm_factor=args.norm_factor,
+        )
+    if (args.dp_noise is None) != (args.clip is None):
+        raise PilotConfigError("--dp-noise and --clip go together: the noise is calibrated to the clip norm")
+    if args.dp_noise is not None:
+        try:
+            overrides["privacy"] = PrivacySettings(
+                clip_norm=args.clip, noise_multiplier=args.dp_noise, delta=args.dp_delta
+            )
+        except PrivacySettingError as exc:
+            raise PilotConfigError(f"{PRIVACY_FLAGS.get(exc.field, exc.field)} {exc.message}") from None
+    if (args.attack is None) != (args.attack_site is None):
+        raise PilotConfigError("--attack and --attack-site go together")
+    if args.attack:
+        overrides["attack"] = Attack(kind=AttackKind(args.attack), site=args.attack_site)
     return replace(base, **overrides)
 
 

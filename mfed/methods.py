@@ -14,6 +14,8 @@ from enum import StrEnum
 
 from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
 from mfed.aggregation.fedavg import AggregationSettings
+from mfed.aggregation.robust import RobustSettings
+from mfed.privacy.settings import PrivacySettings
 from mfed.spec import DecoderSource, Regularizer, SharingMode, SharingPolicy, SiteStrategy
 
 # auto: every site trains at least this many steps a round (docs/strategies.md: a 40-image site
@@ -61,6 +63,8 @@ class MethodPlan:
     site_strategy: SiteStrategy = SiteStrategy.SHARED
     min_steps: int = 0
     shared_steps: int | None = None  # cap on a two-track site's shared-track steps per round
+    robust: RobustSettings = RobustSettings()  # median / trimmed mean / norm screen
+    privacy: PrivacySettings | None = None  # clipped updates + Gaussian noise (mfed.privacy)
 
     @property
     def aggregation(self) -> AggregationSettings:
@@ -70,6 +74,8 @@ class MethodPlan:
             level2_rule=self.level2_rule,
             cagrad_c=self.cagrad_c,
             gate_threshold=self.gate_threshold,
+            robust=self.robust,
+            privacy=self.privacy,
         )
 
     @property

@@ -7,7 +7,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
+from mfed.aggregation.robust import RobustSettings
 from mfed.methods import Method, MethodPlan, plan_method
+from mfed.pilot.attacks import Attack
+from mfed.privacy.settings import PrivacySettings
 from mfed.spec import ArchSpec, Regularizer, SharingPolicy, SiteStrategy, TaskSpec
 
 # The four Fashion-MNIST tasks of MFED.md.
@@ -68,6 +71,11 @@ class PilotConfig:
     custom_tasks: Mapping[str, TaskSpec] = field(default_factory=dict)
     decoders: Mapping[str, ArchSpec] = field(default_factory=dict)
     scenario: str = "equal"
+    # How the federated methods aggregate (Local shares nothing, so neither applies to it), and
+    # one faulty or hostile site (mfed.pilot.attacks); docs/privacy.md.
+    robust: RobustSettings = RobustSettings()
+    privacy: PrivacySettings | None = None
+    attack: Attack | None = None
 
     def __post_init__(self) -> None:
         for name in ("rounds", "sites_per_task", "samples_per_site", "epochs", "batch_size"):
@@ -102,6 +110,28 @@ class PilotConfig:
             )
         if self.shared_steps is not None and self.shared_steps < 1:
             raise PilotConfigError("--shared-steps must be at least 1")
+        if self.attack is not None and self.attack.site not in self.site_names:
+            raise PilotConfigError(
+                f"--attack-site {self.attack.site!r} is not a pilot site; choose from {', '.join(self.site_names)}"
+            )
+        if self.attack is not None and self.sites_per_task < 2:
+            raise PilotConfigError(
+                f"--attack-site {self.attack.site} would be the only site of its task, and its scores are left "
+                "out: nobody would be left to measure; use --sites-per-task 2 or more"
+            )
+        if self.privacy is not None or not self.robust.is_default:
+            flag = "--dp-noise" if self.privacy is not None else "--rule"
+            for method in self.methods:
+                plan = self.plan(method)
+                if plan.federated and plan.sharing.task_level:
+                    raise PilotConfigError(
+                        f"{flag} does not combine with {method.value} (task-level copies of the shared encoder); "
+                        "use m-fed, task-fedavg or encoder-fedavg beside local"
+                    )
+                try:
+                    plan.aggregation  # noqa: B018 - AggregationSettings checks the combination
+                except ValueError as exc:
+                    raise PilotConfigError(f"{flag} with {method.value}: {exc}") from None
 
     def task_definition(self, task: str) -> tuple[TaskSpec, ArchSpec]:
         """The task group `task` (a built-in pilot task or a custom one) and its decoder."""
@@ -131,7 +161,8 @@ class PilotConfig:
             cagrad_c=self.cagrad_c,
             shared_steps=self.shared_steps,
         )
-        return replace(plan, min_steps=self.round_steps)  # Local's plan too: it trains the same rounds
+        plan = replace(plan, min_steps=self.round_steps)  # Local's plan too: it trains the same rounds
+        return replace(plan, robust=self.robust, privacy=self.privacy) if plan.federated else plan
 
     def track_steps(self, method: Method) -> tuple[int, int | None]:
         """(task-track steps, shared-track steps or None) a site of `method` trains each round;
@@ -146,6 +177,11 @@ class PilotConfig:
     @property
     def site_count(self) -> int:
         return len(self.tasks) * self.sites_per_task
+
+    @property
+    def site_names(self) -> list[str]:
+        """`<task>-<i>`, as pilot_sites names them."""
+        return [f"{t}-{i}" for t in self.tasks for i in range(self.sites_per_task)]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -184,6 +220,9 @@ class PilotConfig:
                 for t in self.tasks
                 for spec, decoder in [self.task_definition(t)]
             },
+            "robust": self.robust.to_dict(),
+            "privacy": None if self.privacy is None else self.privacy.to_dict(),
+            "attack": None if self.attack is None else {"kind": self.attack.kind.value, "site": self.attack.site},
         }
 
 

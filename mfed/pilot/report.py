@@ -260,7 +260,30 @@ def _selection_line(results: Mapping[str, Any]) -> str:
         )
     seeds = ", ".join(next(iter(results["methods"].values()))["metrics_per_seed"])
     ties = config.get("select_ties", "latest")
-    return f"mean over seeds {seeds}; each site's model chosen on its own validation split (ties: {ties} round)"
+    line = f"mean over seeds {seeds}; each site's model chosen on its own validation split (ties: {ties} round)"
+    return line + _defence_line(config)
+
+
+def _defence_line(config: Mapping[str, Any]) -> str:
+    """What the federated methods aggregated under, and who attacked (docs/privacy.md)."""
+    parts = []
+    robust = config.get("robust") or {}
+    if robust.get("rule", "mean") != "mean" or "normFactor" in robust:
+        parts.append("rule " + ", ".join(f"{k}={v}" for k, v in robust.items()))
+    privacy = config.get("privacy")
+    if privacy:
+        from mfed.privacy.ledger import chain_epsilon
+
+        rounds = int(config.get("rounds", 0))
+        epsilon = chain_epsilon(((privacy["noiseMultiplier"], rounds),), privacy["delta"])
+        parts.append(
+            f"DP clip {privacy['clipNorm']:g} noise {privacy['noiseMultiplier']:g}: epsilon {epsilon:.3g} "
+            f"at delta {privacy['delta']:g} after {rounds} rounds"
+        )
+    attack = config.get("attack")
+    if attack:
+        parts.append(f"site {attack['site']} attacks ({attack['kind']}): its own scores are left out")
+    return ("\n" + "; ".join(parts)) if parts else ""
 
 
 def human_bytes(count: float) -> str:

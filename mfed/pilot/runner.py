@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from mfed.aggregation.fedavg import ContributionSource, aggregate
+from mfed.aggregation.validate import RejectReason
 from mfed.artifacts.layout import DECODER_FILE, MANIFEST_FILE, global_prefix, join, round_prefix, site_prefix
 from mfed.artifacts.manifest import ContributionManifest
 from mfed.learning.data import SiteData
@@ -35,6 +36,7 @@ from mfed.learning.encoders import build_encoder, input_spec_of
 from mfed.learning.tasks import build_task
 from mfed.methods import Method, MethodPlan
 from mfed.model_store import read_global_model, write_global_model
+from mfed.pilot.attacks import Attack
 from mfed.pilot.config import PilotConfig
 from mfed.pilot.records import CurvePoint, MethodRun, SiteSelection
 from mfed.rounds.initial import init_global_model
@@ -181,6 +183,10 @@ class Federation:
     def train_specs(self, round_number: int) -> list[tuple[PilotSite, RoundSpec]]:
         return [(site, self.spec(site, round_number)) for site in self.sites]
 
+    def tamper(self, attack: Attack, round_number: int) -> None:
+        """The attacker rewrites what it uploaded this round (mfed.pilot.attacks)."""
+        attack.tamper(self.storage, site_prefix(self._prefix(round_number), attack.site))
+
     def aggregate(self, round_number: int) -> None:
         """Aggregate the sites' contributions of `round_number` into the next global model."""
         base = read_global_model(self.storage, self.spec(self.sites[0], round_number).global_model)
@@ -191,8 +197,10 @@ class Federation:
             [self._source(s, round_number) for s in self.sites],
             self.plan.aggregation,
         )
-        if aggregated.manifest.rejected:
-            raise RuntimeError(f"pilot contribution rejected: {aggregated.manifest.rejected[0]}")
+        # A norm screen (--norm-factor) refusing an outlier is the rule working; anything else is a bug.
+        refused = [r for r in aggregated.manifest.rejected if r.reason != RejectReason.NORM_OUTLIER.value]
+        if refused:
+            raise RuntimeError(f"pilot contribution rejected: {refused[0]}")
         write_global_model(
             self.storage, global_prefix(self._prefix(round_number)), aggregated.model_bytes, aggregated.manifest
         )
@@ -344,6 +352,9 @@ def _run_method(
     points: dict[int, CurvePoint] = {}
     # The trainer gets no test data: model selection must never see it.
     train_data = {name: replace(d, test=None) for name, d in data.items()}
+    attack = config.attack
+    if attack is not None:
+        train_data[attack.site] = attack.poison_data(train_data[attack.site], derive_seed(seed, "attack"))
     with tempfile.TemporaryDirectory(prefix=f"mfed-pilot-{method.value}-") as tmp:
         federations = []
         for group in groups:
@@ -365,6 +376,8 @@ def _run_method(
                 # Local's sites are federations of one: what they write never leaves the site.
                 shared = written if plan.federated else 0
                 run.uploaded_bytes[site.name] = run.uploaded_bytes.get(site.name, 0) + shared
+            if attack is not None and plan.federated:
+                federations[0].tamper(attack, r)
             for federation in federations:
                 federation.aggregate(r)
             index = checkpoints.get(r)
@@ -393,6 +406,13 @@ def _run_method(
                 if math.isnan(run.sites[site.name].test):
                     run.sites[site.name].test = federation.score_best(site)["test"]
     run.curve = [points[k] for k in sorted(points)]
+    if attack is not None:  # the table is about everyone else: the attacker's own scores are left out
+        for per_site in (run.sites, run.steps_per_site, run.site_rounds, run.uploaded_bytes):
+            per_site.pop(attack.site, None)
+        for point in run.curve:
+            point.steps.pop(attack.site, None)
+            point.test.pop(attack.site, None)
+            point.tracks.pop(attack.site, None)
     return run
 
 

@@ -41,11 +41,13 @@ import numpy as np
 from mfed.aggregation.crosstask import Level2Rule
 from mfed.aggregation.fedavg import AggregationSettings, ContributionSource, aggregate
 from mfed.aggregation.ownership import layout_global
+from mfed.aggregation.robust import RobustRule, RobustSettings
 from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, MODEL_FILE
 from mfed.artifacts.manifest import ContributionManifest, FileRef, GlobalManifest, TaskGroupInfo
 from mfed.artifacts.ranged import FileRange
 from mfed.artifacts.signature import Signature
 from mfed.artifacts.tensorfile import StoredDtype, decode_tensors, encode_tensors, sha256_hex
+from mfed.privacy.settings import PrivacySettings
 from mfed.spec import ArchSpec, SharingPolicy
 
 TASKS = ("cls", "seg")
@@ -179,6 +181,13 @@ PATHS: dict[str, tuple[SharingPolicy, AggregationSettings, bool]] = {
     "gated": (SharingPolicy(), AggregationSettings(level2_rule=Level2Rule.GATED), False),
     "task-level": (SharingPolicy(task_level=True), AggregationSettings(), False),
     "auto": (SharingPolicy(task_level=True), AggregationSettings(level2_rule=Level2Rule.CAGRAD), True),
+    "median": (SharingPolicy(), AggregationSettings(robust=RobustSettings(rule=RobustRule.MEDIAN)), False),
+    "trimmed": (
+        SharingPolicy(),
+        AggregationSettings(robust=RobustSettings(rule=RobustRule.TRIMMED_MEAN, norm_factor=3.0)),
+        False,
+    ),
+    "dp": (SharingPolicy(), AggregationSettings(privacy=PrivacySettings(clip_norm=1.0, noise_multiplier=1.0)), False),
 }
 
 
@@ -206,7 +215,7 @@ def ranged(
     assert not result.manifest.rejected
 
 
-def all_paths(groups: list[int], dtype: StoredDtype) -> None:
+def all_paths(groups: list[int], dtype: StoredDtype, only: list[str] | None = None) -> None:
     shapes = resnet_shapes()
     columns = (("path", 10), ("groups", 6), ("sites", 5), ("seconds", 7), ("peak MiB", 8), ("model MiB", 9))
     print("  ".join(f"{name:>{width}}" for name, width in columns) + f"  {'peak/model':>10}")
@@ -214,6 +223,8 @@ def all_paths(groups: list[int], dtype: StoredDtype) -> None:
     for count in groups:
         tasks = tuple(f"task-{i:02d}" for i in range(count))
         for name, (sharing, settings, two_track) in PATHS.items():
+            if only and name not in only:
+                continue
             base, tensors = make_base(shapes, tasks, sharing)
             model = sum(v.size * 4 for v in tensors.values())
             with tempfile.TemporaryDirectory(prefix="mfed-bench-") as tmp:
@@ -332,6 +343,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--all-paths", action="store_true", help="every level-2 path, tensor by tensor")
     parser.add_argument("--groups", default="2,4,16", help="task-group counts for --all-paths")
+    parser.add_argument("--paths", help=f"comma-separated subset of --all-paths ({','.join(PATHS)})")
     parser.add_argument(
         "--vs-download", action="store_true", help="aggregation time over download time, real S3 (--sites)"
     )
@@ -341,7 +353,8 @@ def main() -> None:
         vs_download([int(c) for c in sites.split(",")], StoredDtype.parse(args.dtype))
         return
     if args.all_paths:
-        all_paths([int(g) for g in args.groups.split(",")], StoredDtype.parse(args.dtype))
+        only = [p.strip() for p in args.paths.split(",")] if args.paths else None
+        all_paths([int(g) for g in args.groups.split(",")], StoredDtype.parse(args.dtype), only)
         return
     counts = [int(c) for c in args.sites.split(",")]
     dtype = StoredDtype.parse(args.dtype)

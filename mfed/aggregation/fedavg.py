@@ -22,7 +22,7 @@ and groups are combined in sorted order, so a re-run produces identical bytes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -34,7 +34,7 @@ from mfed.aggregation.linear import Candidate, aggregate_linear, screen_manifest
 from mfed.aggregation.ownership import SHARED_TRACK, dual_keys, owner_of
 from mfed.aggregation.private_round import combine_private
 from mfed.aggregation.robust import RobustSettings
-from mfed.aggregation.robust_round import combine_round, read_valid, screen_norms
+from mfed.aggregation.robust_round import SiteTensors, combine_round, read_valid, screen_norms
 from mfed.aggregation.streaming import (
     PARALLEL_READS,
     ReadPlan,
@@ -369,12 +369,9 @@ def aggregate(
             rejected.append(Rejection(site=exc.site, reason=exc.reason.value, detail=exc.detail))
     kept, refused = screen_manifests(base, round_number, [(s.site, m, s) for s, m in readable])
     rejected += refused
-    if settings.privacy is not None:
+    if settings.privacy is not None or not settings.robust.is_default:
         rng = noise_rng if noise_rng is not None else np.random.default_rng()
-        return _aggregate_private(base, base_tensors, round_number, kept, rejected, settings, rng)
-    if not settings.robust.is_default:
-        # whole contributions in memory (not yet streamed tensor by tensor like the rules below)
-        return _aggregate_robust(base, base_tensors, round_number, kept, rejected, settings)
+        return _aggregate_per_key(base, base_tensors, round_number, kept, rejected, settings, rng)
     if all(s.open_files is not None for _, _, s in kept):
         return _aggregate_streamed(base, base_tensors, round_number, kept, rejected, settings)
     if settings.level2_rule is not Level2Rule.MEAN or base.sharing.task_level:
@@ -428,30 +425,7 @@ def _aggregate_streamed(
     return AggregationResult(model_bytes=outcome.model_bytes, manifest=manifest, tensors=outcome.tensors)
 
 
-def _aggregate_robust(
-    base: GlobalManifest,
-    base_tensors: Mapping[str, np.ndarray],
-    round_number: int,
-    kept: list[tuple[str, ContributionManifest, ContributionSource]],
-    rejected: list[Rejection],
-    settings: AggregationSettings,
-) -> AggregationResult:
-    """Median / trimmed mean / norm screen (robust_round.py); literal layout only."""
-    if base.sharing.task_level:
-        raise ValueError("robust rules do not support task-level copies of the shared encoder yet")
-    valid, unreadable = read_valid(base, base_tensors, kept)
-    rejected = rejected + unreadable
-    if settings.robust.norm_factor is not None:
-        valid, outliers = screen_norms(valid, settings.robust.norm_factor)
-        rejected += outliers
-    tensors, weights = combine_round(base_tensors, valid, settings.robust, settings.level2_weighting)
-    model_bytes = encode_tensors(tensors)
-    accepted = [c.manifest for c in valid]
-    manifest = build_global_manifest(base, round_number, model_bytes, accepted, rejected, settings, weights)
-    return AggregationResult(model_bytes=model_bytes, manifest=manifest, tensors=tensors)
-
-
-def _aggregate_private(
+def _aggregate_per_key(
     base: GlobalManifest,
     base_tensors: Mapping[str, np.ndarray],
     round_number: int,
@@ -460,17 +434,45 @@ def _aggregate_private(
     settings: AggregationSettings,
     rng: np.random.Generator,
 ) -> AggregationResult:
-    """Clipped updates + Gaussian noise per task group (private_round.py); literal layout only."""
-    assert settings.privacy is not None
+    """Median / trimmed mean / norm screen (robust_round.py) or clipped + noised means
+    (private_round.py); literal layout only. With ranged sources the files are validated and then
+    read one tensor of every site at a time (streaming.py); otherwise whole contributions."""
     if base.sharing.task_level:
-        raise ValueError("differential privacy does not support task-level copies of the shared encoder")
+        what = "differential privacy" if settings.privacy is not None else "robust rules"
+        raise ValueError(f"{what} do not support task-level copies of the shared encoder")
+    if all(s.open_files is not None for _, _, s in kept):
+        opened = [(m, s.open_files) for _site, m, s in kept if s.open_files is not None]
+        plan = ReadPlan.for_round(sum(int(v.size) * 4 for v in base_tensors.values()), len(opened))
+        with ThreadPoolExecutor(max_workers=PARALLEL_READS, thread_name_prefix="mfed-read") as pool:
+            ranged, refused = validate_all(base_tensors, opened, pool, plan.scan_workers)
+        rejected = rejected + refused
+        if not ranged:
+            raise ValueError("no contribution was accepted; there is nothing to aggregate")
+        reads = StreamedRound(base_tensors, ranged, None, plan)  # files through a read-ahead block
+        return _combine_per_key(base, base_tensors, round_number, reads.contributions, rejected, settings, rng)
     valid, unreadable = read_valid(base, base_tensors, kept)
-    tensors, weights = combine_private(base_tensors, valid, settings.privacy, settings.level2_weighting, rng)
-    model_bytes = encode_tensors(tensors)
-    accepted = [c.manifest for c in valid]
-    manifest = build_global_manifest(
-        base, round_number, model_bytes, accepted, rejected + unreadable, settings, weights
-    )
+    return _combine_per_key(base, base_tensors, round_number, valid, rejected + unreadable, settings, rng)
+
+
+def _combine_per_key(
+    base: GlobalManifest,
+    base_tensors: Mapping[str, np.ndarray],
+    round_number: int,
+    contributions: Sequence[SiteTensors],
+    rejected: list[Rejection],
+    settings: AggregationSettings,
+    rng: np.random.Generator,
+) -> AggregationResult:
+    if settings.robust.norm_factor is not None:
+        contributions, outliers = screen_norms(contributions, settings.robust.norm_factor, base_tensors)
+        rejected = rejected + outliers
+    weighting = settings.level2_weighting
+    if settings.privacy is not None:
+        model_bytes, tensors, weights = combine_private(base_tensors, contributions, settings.privacy, weighting, rng)
+    else:
+        model_bytes, tensors, weights = combine_round(base_tensors, contributions, settings.robust, weighting)
+    accepted = [c.manifest for c in contributions]
+    manifest = build_global_manifest(base, round_number, model_bytes, accepted, rejected, settings, weights)
     return AggregationResult(model_bytes=model_bytes, manifest=manifest, tensors=tensors)
 
 

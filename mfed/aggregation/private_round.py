@@ -9,8 +9,8 @@ the groups' noisy encoder updates with the configured weighting (uniform, or by 
 sample counts, which the manifest publishes anyway) — post-processing, no further noise.
 
 Only the literal layout with the mean rule (no task-level copies, no CAGrad, no gate, no robust
-rule: settings check); the decoded contributions of the round are held while combining, like
-the robust rules (robust_round.py). Draws come from `rng` in sorted key then sorted task order.
+rule: settings check). Tensors are read one key at a time (robust_round.SiteTensors), twice: once
+for each site's norm, once to combine. Draws come from `rng` in sorted key then sorted task order.
 """
 
 from __future__ import annotations
@@ -21,18 +21,21 @@ import numpy as np
 
 from mfed.aggregation.crosstask import GroupUpdate, Level2Weighting, group_weights
 from mfed.aggregation.ownership import owner_of
-from mfed.aggregation.validate import ValidContribution
-from mfed.privacy.mechanism import clip_scale, noisy_mean, update_norm
+from mfed.aggregation.robust import l2_norm_of
+from mfed.aggregation.robust_round import SiteTensors, slices
+from mfed.aggregation.streaming import OutputModel
+from mfed.privacy.mechanism import clip_scale, noisy_mean
 from mfed.privacy.settings import PrivacySettings
 
 
-def _change(c: ValidContribution, key: str, base_tensors: Mapping[str, np.ndarray]) -> np.ndarray:
-    """What the site's data moved at one global key (its own group's keys and the shared ones)."""
+def _change(c: SiteTensors, key: str, base_tensors: Mapping[str, np.ndarray], start: int, stop: int) -> np.ndarray:
+    """What the site's data moved at elements [start, stop) of one global key (flattened)."""
     owner = owner_of(key)
+    value = np.asarray(c.read_flat(owner.site_key, start, stop), dtype=np.float64)
     if owner.part == "decoder":
-        change: np.ndarray = np.asarray(c.decoder[owner.site_key], dtype=np.float64) - base_tensors[key]
+        change: np.ndarray = value - base_tensors[key].reshape(-1)[start:stop]
         return change
-    return np.asarray(c.delta[owner.site_key], dtype=np.float64)
+    return value
 
 
 def _own_keys(task: str, base_tensors: Mapping[str, np.ndarray]) -> list[str]:
@@ -40,12 +43,17 @@ def _own_keys(task: str, base_tensors: Mapping[str, np.ndarray]) -> list[str]:
 
 
 def clip_scales(
-    contributions: Sequence[ValidContribution], base_tensors: Mapping[str, np.ndarray], clip_norm: float
+    contributions: Sequence[SiteTensors], base_tensors: Mapping[str, np.ndarray], clip_norm: float
 ) -> dict[str, float]:
     """Per site, the factor that clips its whole update (encoder delta + decoder change) to `clip_norm`."""
     return {
         c.manifest.site: clip_scale(
-            update_norm(_change(c, k, base_tensors) for k in _own_keys(c.manifest.task, base_tensors)), clip_norm
+            l2_norm_of(
+                _change(c, k, base_tensors, start, stop)
+                for k in _own_keys(c.manifest.task, base_tensors)
+                for start, stop in slices(base_tensors[k].size, 1)
+            ),
+            clip_norm,
         )
         for c in contributions
     }
@@ -53,41 +61,47 @@ def clip_scales(
 
 def combine_private(
     base_tensors: Mapping[str, np.ndarray],
-    contributions: Sequence[ValidContribution],
+    contributions: Sequence[SiteTensors],
     privacy: PrivacySettings,
     weighting: Level2Weighting,
     rng: np.random.Generator,
-) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """The new global tensors and the level-2 weights."""
-    groups: dict[str, list[ValidContribution]] = {}
+) -> tuple[bytes, dict[str, np.ndarray], dict[str, float]]:
+    """The new global model (bytes and tensors) and the level-2 weights. Per key, each group's
+    noise is drawn slice after slice, which is the same stream as one draw of the whole key."""
+    groups: dict[str, list[SiteTensors]] = {}
     for c in sorted(contributions, key=lambda c: c.manifest.site):
         groups.setdefault(c.manifest.task, []).append(c)
     if not groups:
         raise ValueError("no contribution was accepted; there is nothing to aggregate")
     tasks = sorted(groups)
-    level2 = group_weights(
-        [GroupUpdate(task=t, samples=sum(c.manifest.samples for c in groups[t]), mean_delta={}) for t in tasks],
-        weighting,
+    level2 = dict(
+        zip(
+            tasks,
+            group_weights(
+                [GroupUpdate(task=t, samples=sum(c.manifest.samples for c in groups[t]), mean_delta={}) for t in tasks],
+                weighting,
+            ),
+            strict=True,
+        )
     )
     scales = clip_scales(contributions, base_tensors, privacy.clip_norm)
-
-    def group_mean(task: str, key: str) -> np.ndarray:
-        clipped_sum = np.zeros(base_tensors[key].shape, dtype=np.float64)
-        for c in groups[task]:
-            clipped_sum += scales[c.manifest.site] * _change(c, key, base_tensors)
-        return noisy_mean(clipped_sum, len(groups[task]), privacy.noise_std, rng)
-
-    new: dict[str, np.ndarray] = {}
+    out = OutputModel(base_tensors)
     for key in sorted(base_tensors):
-        base = np.asarray(base_tensors[key], dtype=np.float64)
         owner = owner_of(key)
-        if owner.task is None:
-            update = np.zeros(base.shape, dtype=np.float64)
-            for task, weight in zip(tasks, level2, strict=True):
-                update += weight * group_mean(task, key)
-            new[key] = (base + update).astype(np.float32)
-        elif owner.task not in groups:
-            new[key] = np.array(base_tensors[key], dtype=np.float32)  # group absent this round: unchanged
-        else:
-            new[key] = (base + group_mean(owner.task, key)).astype(np.float32)
-    return new, dict(zip(tasks, level2, strict=True))
+        if owner.task is not None and owner.task not in groups:
+            out.put(key, base_tensors[key])  # group absent this round: unchanged
+            continue
+        # the shared encoder moves by the weighted groups' noisy means; a group's own keys by its own
+        contributing = tasks if owner.task is None else [owner.task]
+        weights = {t: level2[t] for t in tasks} if owner.task is None else {owner.task: 1.0}
+        value = base_tensors[key].reshape(-1).astype(np.float64)
+        for task in contributing:
+            members = groups[task]
+            for start, stop in slices(value.size, len(members)):
+                clipped_sum = np.zeros(stop - start, dtype=np.float64)
+                for c in members:
+                    clipped_sum += scales[c.manifest.site] * _change(c, key, base_tensors, start, stop)
+                value[start:stop] += weights[task] * noisy_mean(clipped_sum, len(members), privacy.noise_std, rng)
+        out.put(key, value.astype(np.float32))
+    data, tensors = out.finish()
+    return data, tensors, level2

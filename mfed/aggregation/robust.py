@@ -13,7 +13,7 @@ norm exceeds `factor` times the median norm of its reference set is refused.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -106,9 +106,9 @@ def combine(values: Sequence[np.ndarray], weights: Sequence[float], settings: Ro
     return weighted_mean(values, weights)
 
 
-def l2_norm(tensors: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of all tensors taken as one vector (float64, summed in sorted key order)."""
-    return math.sqrt(sum(float(np.sum(np.square(tensors[k], dtype=np.float64))) for k in sorted(tensors)))
+def l2_norm_of(parts: Iterable[np.ndarray]) -> float:
+    """L2 norm of the parts taken as one vector (float64, summed in the order given)."""
+    return math.sqrt(sum(float(np.sum(np.square(p, dtype=np.float64))) for p in parts))
 
 
 def norm_outliers(norms: Mapping[str, float], factor: float) -> dict[str, str]:

@@ -5,21 +5,25 @@ combines the groups' encoder updates with the same rule (each group counts the s
 median and trimmed-mean; the configured level-2 weighting applies under mean). Only the
 literal layout (no task-level copies) with the mean level-2 rule is supported; settings check.
 
-Memory: the decoded contributions of the round's accepted sites are held while combining (a
-median needs every site's value of a coordinate). The combination itself is per key, so a
-reader that fetches one key of every site at a time can bound memory to one key x sites.
+Contributions are read through `SiteTensors` (a ValidContribution in memory, or a
+streaming.RangedContribution read by ranges) one slice of one tensor at a time: a median needs
+every site's value of a coordinate, so each slice holds at most SLICE_BYTES of float64 values of
+all sites together, and the result is written into one output buffer (streaming.OutputModel).
+Memory on the streamed path: about 2 models (the buffer and its final bytes) + a few SLICE_BYTES,
+whatever the number of sites or groups.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from mfed.aggregation.crosstask import GroupUpdate, Level2Weighting, group_weights
 from mfed.aggregation.ownership import owner_of
-from mfed.aggregation.robust import RobustRule, RobustSettings, combine, l2_norm, norm_outliers
+from mfed.aggregation.robust import RobustRule, RobustSettings, combine, l2_norm_of, norm_outliers
+from mfed.aggregation.streaming import OutputModel
 from mfed.aggregation.validate import ContributionRejected, RejectReason, ValidContribution, check_tensors
 from mfed.artifacts.manifest import ContributionManifest, GlobalManifest, Rejection
 
@@ -28,13 +32,43 @@ class FileSource(Protocol):
     def read_files(self, manifest: ContributionManifest) -> tuple[bytes, bytes]: ...
 
 
+SLICE_BYTES = 16 * 2**20
+
+
+class SiteTensors(Protocol):
+    """A validated contribution whose tensors are read one at a time by site-model name."""
+
+    @property
+    def manifest(self) -> ContributionManifest: ...
+
+    def tensor(self, site_key: str) -> np.ndarray: ...
+
+    def read_flat(self, site_key: str, start: int, stop: int) -> np.ndarray: ...
+
+
+def slices(size: int, sites: int) -> list[tuple[int, int]]:
+    """[start, stop) runs of a flattened tensor such that `sites` float64 values of each fit SLICE_BYTES."""
+    step = max(1, SLICE_BYTES // (8 * max(sites, 1)))
+    return [(start, min(size, start + step)) for start in range(0, size, step)] or [(0, 0)]
+
+
+C = TypeVar("C", bound=SiteTensors)
+
+
+def delta_norm(c: SiteTensors, base_tensors: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of the site's encoder delta (shared keys and its own group's), key by key."""
+    task = c.manifest.task
+    keys = [k for k in sorted(base_tensors) if owner_of(k).part == "encoder" and owner_of(k).task in (None, task)]
+    return l2_norm_of(c.tensor(owner_of(k).site_key) for k in keys)
+
+
 def screen_norms(
-    contributions: Sequence[ValidContribution], factor: float
-) -> tuple[list[ValidContribution], list[Rejection]]:
+    contributions: Sequence[C], factor: float, base_tensors: Mapping[str, np.ndarray]
+) -> tuple[list[C], list[Rejection]]:
     """Refuse deltas whose encoder-update norm is far above their task group's median."""
     by_task: dict[str, dict[str, float]] = {}
     for c in contributions:
-        by_task.setdefault(c.manifest.task, {})[c.manifest.site] = l2_norm(c.delta)
+        by_task.setdefault(c.manifest.task, {})[c.manifest.site] = delta_norm(c, base_tensors)
     refused: dict[str, str] = {}
     for norms in by_task.values():
         refused.update(norm_outliers(norms, factor))
@@ -45,12 +79,14 @@ def screen_norms(
 
 def combine_round(
     base_tensors: Mapping[str, np.ndarray],
-    contributions: Sequence[ValidContribution],
+    contributions: Sequence[SiteTensors],
     robust: RobustSettings,
     weighting: Level2Weighting,
-) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """The new global tensors and the level-2 weights (nominal: equal under median/trimmed)."""
-    groups: dict[str, list[ValidContribution]] = {}
+) -> tuple[bytes, dict[str, np.ndarray], dict[str, float]]:
+    """The new global model (bytes and tensors) and the level-2 weights (nominal: equal under
+    median/trimmed). Every rule is coordinate-wise, so combining slice by slice gives the values
+    combining whole tensors would."""
+    groups: dict[str, list[SiteTensors]] = {}
     for c in sorted(contributions, key=lambda c: c.manifest.site):
         groups.setdefault(c.manifest.task, []).append(c)
     if not groups:
@@ -60,29 +96,31 @@ def combine_round(
         [GroupUpdate(task=t, samples=sum(c.manifest.samples for c in groups[t]), mean_delta={}) for t in tasks],
         weighting if robust.rule is RobustRule.MEAN else Level2Weighting.UNIFORM,
     )
-    new: dict[str, np.ndarray] = {}
+    out = OutputModel(base_tensors)
+
+    def group_value(task: str, site_key: str, start: int, stop: int) -> np.ndarray:
+        members = groups[task]
+        values = [c.read_flat(site_key, start, stop) for c in members]
+        return combine(values, [c.manifest.samples for c in members], robust)
+
     for key in sorted(base_tensors):
-        base = base_tensors[key]
+        base = base_tensors[key].reshape(-1)
         owner = owner_of(key)
-        if owner.task is None:
-            group_values = []
-            for task in tasks:
-                members = groups[task]
-                group_values.append(
-                    combine([c.delta[key] for c in members], [c.manifest.samples for c in members], robust)
-                )
-            new[key] = (base.astype(np.float64) + combine(group_values, level2, robust)).astype(np.float32)
-        elif owner.task not in groups:
-            new[key] = np.array(base, dtype=np.float32)  # group absent this round: unchanged
-        else:
-            members = groups[owner.task]
-            samples = [c.manifest.samples for c in members]
-            if owner.part == "decoder":
-                new[key] = combine([c.decoder[owner.site_key] for c in members], samples, robust).astype(np.float32)
+        if owner.task is not None and owner.task not in groups:
+            out.put(key, base_tensors[key])  # group absent this round: unchanged
+            continue
+        members = len(contributions) if owner.task is None else len(groups[owner.task])
+        for start, stop in slices(base.size, members):
+            if owner.task is None:
+                moved = combine([group_value(t, key, start, stop) for t in tasks], level2, robust)
+                value = base[start:stop].astype(np.float64) + moved
+            elif owner.part == "decoder":
+                value = group_value(owner.task, owner.site_key, start, stop)
             else:
-                delta = combine([c.delta[owner.site_key] for c in members], samples, robust)
-                new[key] = (base.astype(np.float64) + delta).astype(np.float32)
-    return new, dict(zip(tasks, level2, strict=True))
+                value = base[start:stop].astype(np.float64) + group_value(owner.task, owner.site_key, start, stop)
+            out.put(key, value.astype(np.float32), start)
+    data, tensors = out.finish()
+    return data, tensors, dict(zip(tasks, level2, strict=True))
 
 
 def read_valid(

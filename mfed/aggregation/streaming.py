@@ -124,6 +124,28 @@ class RangedContribution:
         entry = index[site_key]
         return tensor_from_bytes(source.read(entry.begin, entry.end - entry.begin), entry)
 
+    def tensor(self, site_key: str) -> np.ndarray:
+        """One tensor by its site-model name, as ValidContribution.tensor (read on demand)."""
+        return self.read(site_key, decoder=site_key.startswith("decoder."))
+
+    def read_flat(self, site_key: str, start: int, stop: int) -> np.ndarray:
+        """Elements [start, stop) of the flattened tensor, read by range (no more than that)."""
+        source, index = (
+            (self.decoder, self.decoder_index)
+            if site_key.startswith("decoder.")
+            else (
+                self.delta,
+                self.delta_index,
+            )
+        )
+        entry = index[site_key]
+        count = int(np.prod(entry.shape))
+        if not 0 <= start <= stop <= count:
+            raise IndexError(f"elements [{start}, {stop}) of {site_key} with {count} elements")
+        width = (entry.end - entry.begin) // count if count else 0
+        part = replace(entry, shape=(stop - start,), begin=entry.begin + start * width, end=entry.begin + stop * width)
+        return tensor_from_bytes(source.read(part.begin, part.end - part.begin), part)
+
     @property
     def in_memory(self) -> bool:
         return _in_memory(self.delta) and _in_memory(self.decoder)
@@ -234,10 +256,12 @@ class OutputModel:
         self._buffer = bytearray(total)
         self._buffer[: len(head)] = head
 
-    def put(self, key: str, value: np.ndarray) -> None:
+    def put(self, key: str, value: np.ndarray, start: int = 0) -> None:
+        """The tensor `key`, or with `start` its flattened elements from `start` on."""
         begin, end = self._offsets[key]
         target = np.frombuffer(self._buffer, dtype="<f4", count=(end - begin) // 4, offset=begin)
-        target[:] = np.ascontiguousarray(value, dtype="<f4").ravel()
+        flat = np.ascontiguousarray(value, dtype="<f4").ravel()
+        target[start : start + flat.size] = flat
 
     def finish(self) -> tuple[bytes, dict[str, np.ndarray]]:
         data = bytes(self._buffer)

@@ -58,6 +58,15 @@ class ValidContribution:
     delta: Mapping[str, np.ndarray]
     decoder: Mapping[str, np.ndarray]
 
+    def tensor(self, site_key: str) -> np.ndarray:
+        """One tensor by its site-model name (`encoder.*` from the delta, `decoder.*`)."""
+        return self.decoder[site_key] if site_key.startswith("decoder.") else self.delta[site_key]
+
+    def read_flat(self, site_key: str, start: int, stop: int) -> np.ndarray:
+        """Elements [start, stop) of the flattened tensor."""
+        flat: np.ndarray = self.tensor(site_key).reshape(-1)[start:stop]
+        return flat
+
 
 def check_manifest(manifest: ContributionManifest, base: GlobalManifest, round_number: int, accepted: set[str]) -> None:
     """Metadata checks, cheap, done before any tensor bytes are read."""

@@ -8,14 +8,8 @@ vector, so the direction is kept and a single bound covers both parts.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import numpy as np
-
-
-def update_norm(parts: Iterable[np.ndarray]) -> float:
-    """L2 norm of all parts taken as one vector (float64)."""
-    return math.sqrt(sum(float(np.sum(np.square(p, dtype=np.float64))) for p in parts))
 
 
 def clip_scale(norm: float, clip_norm: float) -> float:

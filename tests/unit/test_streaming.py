@@ -14,16 +14,18 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from mfed.aggregation import streaming
+from mfed.aggregation import robust_round, streaming
 from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
 from mfed.aggregation.fedavg import AggregationSettings, ContributionSource, aggregate
 from mfed.aggregation.ownership import layout_global
+from mfed.aggregation.robust import RobustRule, RobustSettings
 from mfed.aggregation.streaming import StreamedRound, aggregate_streamed_groups, validate_all
 from mfed.artifacts.layout import MODEL_FILE
 from mfed.artifacts.manifest import FileRef, GlobalManifest, TaskGroupInfo
 from mfed.artifacts.ranged import BytesRange
 from mfed.artifacts.signature import Signature
 from mfed.artifacts.tensorfile import StoredDtype, decode_tensors, encode_tensors, sha256_hex
+from mfed.privacy.settings import PrivacySettings
 from mfed.spec import ArchSpec, SharingMode, SharingPolicy
 from tests.unit.factories import ENCODER_SHAPES, make_contribution
 
@@ -36,6 +38,11 @@ PATHS = {
     "task-level": (DUAL, AggregationSettings()),
     "auto (task-level + cagrad)": (DUAL, AggregationSettings(level2_rule=Level2Rule.CAGRAD)),
     "depth-shared mean": (SharingPolicy(mode=SharingMode.DEPTH, depth=1), AggregationSettings()),
+    "median": (SharingPolicy(), AggregationSettings(robust=RobustSettings(rule=RobustRule.MEDIAN))),
+    "trimmed-mean + norm screen": (
+        SharingPolicy(mode=SharingMode.DEPTH, depth=1),
+        AggregationSettings(robust=RobustSettings(rule=RobustRule.TRIMMED_MEAN, trim=0.25, norm_factor=1.5)),
+    ),
 }
 
 
@@ -126,6 +133,22 @@ def small_reads(monkeypatch):
     monkeypatch.setattr(streaming, "SCAN_CHUNK_BYTES", 300)
     monkeypatch.setattr(streaming, "READ_AHEAD_BYTES", 200)
     monkeypatch.setattr(streaming, "MIN_READ_AHEAD_BYTES", 200)
+
+
+@pytest.mark.parametrize("sharing", [SharingPolicy(), SharingPolicy(mode=SharingMode.DEPTH, depth=1)])
+def test_private_rounds_streamed_give_the_same_bytes_for_the_same_noise(sharing, small_reads):
+    tasks = ["t0", "t1"]
+    base, tensors, decoders = _base(tasks, sharing)
+    items = _contributions(base, tasks, decoders, np.random.default_rng(6))
+    settings = AggregationSettings(privacy=PrivacySettings(clip_norm=0.7, noise_multiplier=0.9))
+    log: list[tuple[int, int]] = []
+    whole = aggregate(base, tensors, 1, _sources(items, ranged=False), settings, noise_rng=np.random.default_rng(1))
+    streamed = aggregate(
+        base, tensors, 1, _sources(items, ranged=True, remote_log=log), settings, noise_rng=np.random.default_rng(1)
+    )
+    assert log, "the streamed round read by ranges"
+    assert streamed.model_bytes == whole.model_bytes
+    assert streamed.manifest.to_json() == whole.manifest.to_json()
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])
@@ -327,3 +350,29 @@ def test_storage_open_range_reads_exact_ranges_of_a_local_file_and_refuses_reads
         blob.read(250, 10)
     with pytest.raises(NotFound):
         Storage().open_range(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        AggregationSettings(robust=RobustSettings(rule=RobustRule.MEDIAN)),
+        AggregationSettings(robust=RobustSettings(rule=RobustRule.TRIMMED_MEAN, trim=0.25)),
+        AggregationSettings(privacy=PrivacySettings(clip_norm=0.7, noise_multiplier=0.9)),
+    ],
+    ids=["median", "trimmed-mean", "dp"],
+)
+def test_per_key_rules_give_the_same_bytes_in_slices_of_a_few_values(settings, monkeypatch):
+    """Slices of 3 float64 values per site (robust_round.SLICE_BYTES) cut every tensor into many
+    pieces: the combined values, and the noise stream drawn slice by slice, are those of one piece."""
+    tasks = ["t0", "t1", "t2"]
+    base, tensors, decoders = _base(tasks, SharingPolicy(mode=SharingMode.DEPTH, depth=1))
+    items = _contributions(base, tasks, decoders, np.random.default_rng(8))
+
+    def run():
+        sources = _sources(items, ranged=True, remote_log=[])
+        return aggregate(base, tensors, 1, sources, settings, noise_rng=np.random.default_rng(2)).model_bytes
+
+    whole = run()
+    monkeypatch.setattr(robust_round, "SLICE_BYTES", 8 * 3 * 2)
+    assert robust_round.slices(10, 2) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert run() == whole

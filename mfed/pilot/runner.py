@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
+
 from mfed.aggregation.fedavg import ContributionSource, aggregate
 from mfed.aggregation.validate import RejectReason
 from mfed.artifacts.layout import DECODER_FILE, MANIFEST_FILE, global_prefix, join, round_prefix, site_prefix
@@ -196,6 +198,9 @@ class Federation:
             round_number,
             [self._source(s, round_number) for s in self.sites],
             self.plan.aggregation,
+            # A pilot is a simulation: its DP noise is seeded so a seed gives the same numbers; a
+            # deployment's operator draws it from OS entropy (docs/privacy.md).
+            noise_rng=np.random.default_rng(derive_seed(self.seed, f"dp-noise-{round_number}")),
         )
         # A norm screen (--norm-factor) refusing an outlier is the rule working; anything else is a bug.
         refused = [r for r in aggregated.manifest.rejected if r.reason != RejectReason.NORM_OUTLIER.value]

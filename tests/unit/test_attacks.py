@@ -100,3 +100,30 @@ def test_pilot_flags_reach_the_federated_methods_only():
     mfed = config.plan(Method.MFED).aggregation
     assert mfed.privacy is not None and (mfed.privacy.clip_norm, mfed.privacy.noise_multiplier) == (2.0, 0.5)
     assert config.plan(Method.LOCAL).aggregation.privacy is None  # Local shares nothing
+
+
+def test_a_private_pilot_gives_the_same_numbers_for_the_same_seed_and_the_attacker_is_left_out(tmp_path):
+    from dataclasses import replace
+
+    from mfed.pilot import run_pilot
+    from mfed.privacy.settings import PrivacySettings
+
+    config = replace(
+        PilotConfig(),
+        rounds=2,
+        steps=6,
+        sites_per_task=2,
+        samples_per_site=48,
+        test_samples=64,
+        tasks=("cls10", "denoise"),
+        methods=(Method.LOCAL, Method.MFED),
+        privacy=PrivacySettings(clip_norm=0.5, noise_multiplier=1.0),
+        attack=Attack(kind=AttackKind.SIGN_FLIP, site="cls10-1"),
+    )
+    one = run_pilot(config, tmp_path / "one", show_progress=False, workers=0)
+    two = run_pilot(config, tmp_path / "two", show_progress=False, workers=0)
+    assert "epsilon" in one["table"] and "cls10-1 attacks (sign-flip)" in one["table"]
+    for results in (one, two):
+        results.pop("seconds"), results.pop("table")
+    assert one == two
+    assert one["methods"]["mfed"]["site_steps"] == {"0": {"cls10-0": 6, "denoise-0": 6, "denoise-1": 6}}

@@ -22,7 +22,12 @@ from mfed.report.cli import add_report_command
 from mfed.spec import ArchSpec, Regularizer, SharingPolicy, SiteStrategy, SpecError, TaskSpec
 from mfed.weights.cli import add_weight_commands
 
-PRIVACY_FLAGS = {"clipNorm": "--clip", "noiseMultiplier": "--dp-noise", "delta": "--dp-delta"}
+PRIVACY_FLAGS = {
+    "clipNorm": "--clip",
+    "noiseMultiplier": "--dp-noise",
+    "delta": "--dp-delta",
+    "targetQuantile": "--clip-quantile",
+}
 
 
 def _task_samples(text: str) -> dict[str, int]:
@@ -183,6 +188,12 @@ def _pilot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--clip", type=float, help="L2 bound on a site's round update under --dp-noise")
     p.add_argument("--dp-delta", type=float, default=1e-5, help="delta of the reported epsilon (default 1e-5)")
     p.add_argument(
+        "--clip-quantile",
+        type=float,
+        help="adaptive clipping: the share of sites to keep within the clip norm (--clip is then the first "
+        "round's; spec.privacy.targetQuantile)",
+    )
+    p.add_argument(
         "--attack",
         choices=[a.value for a in AttackKind],
         help="one site misbehaves: sign-flip or scale (x100) its encoder delta, or train on shuffled labels; "
@@ -255,10 +266,15 @@ def config_from_args(args: argparse.Namespace) -> PilotConfig:
         )
     if (args.dp_noise is None) != (args.clip is None):
         raise PilotConfigError("--dp-noise and --clip go together: the noise is calibrated to the clip norm")
+    if args.clip_quantile is not None and args.dp_noise is None:
+        raise PilotConfigError("--clip-quantile adapts the clip norm of --dp-noise: set --dp-noise and --clip too")
     if args.dp_noise is not None:
         try:
             overrides["privacy"] = PrivacySettings(
-                clip_norm=args.clip, noise_multiplier=args.dp_noise, delta=args.dp_delta
+                clip_norm=args.clip,
+                noise_multiplier=args.dp_noise,
+                delta=args.dp_delta,
+                target_quantile=args.clip_quantile,
             )
         except PrivacySettingError as exc:
             raise PilotConfigError(f"{PRIVACY_FLAGS.get(exc.field, exc.field)} {exc.message}") from None

@@ -32,7 +32,7 @@ import numpy as np
 from mfed.aggregation.crosstask import GroupUpdate, Level2Rule, Level2Weighting, level2, weighted_mean
 from mfed.aggregation.linear import Candidate, aggregate_linear, screen_manifests
 from mfed.aggregation.ownership import SHARED_TRACK, dual_keys, owner_of
-from mfed.aggregation.private_round import combine_private
+from mfed.aggregation.private_round import combine_private, site_norms
 from mfed.aggregation.robust import RobustSettings
 from mfed.aggregation.robust_round import SiteTensors, combine_round, read_valid, screen_norms
 from mfed.aggregation.streaming import (
@@ -61,6 +61,7 @@ from mfed.artifacts.manifest import (
 from mfed.artifacts.ranged import ByteRange
 from mfed.artifacts.tensorfile import encode_tensors, sha256_hex
 from mfed.privacy.ledger import PrivacyLedger
+from mfed.privacy.mechanism import next_clip_norm
 from mfed.privacy.settings import PrivacySettings
 
 
@@ -110,15 +111,28 @@ class AggregationSettings:
         return out  # the privacy settings go into the manifest with the ledger (privacy_record)
 
 
-def privacy_record(base: GlobalManifest, settings: AggregationSettings) -> dict[str, Any] | None:
+def round_clip_norm(base: GlobalManifest, privacy: PrivacySettings) -> float:
+    """This round's clip norm: the base model's `nextClipNorm` under adaptive clipping (the chain
+    carries it from round to round), else the configured one."""
+    record = base.aggregation.get("privacy")
+    carried = record.get("nextClipNorm") if isinstance(record, Mapping) else None
+    if privacy.adaptive and isinstance(carried, (int, float)) and math.isfinite(carried) and carried > 0:
+        return float(carried)
+    return privacy.clip_norm
+
+
+def privacy_record(
+    base: GlobalManifest, settings: AggregationSettings, clipping: Mapping[str, float] | None = None
+) -> dict[str, Any] | None:
     """The chain's privacy ledger after this round, for the new model's manifest; None when
-    neither this round nor any before it was private (those manifests keep their bytes)."""
+    neither this round nor any before it was private (those manifests keep their bytes).
+    `clipping`: the clip norm this round used and, adaptive, the next round's."""
     if settings.privacy is None and "privacy" not in base.aggregation:
         return None
     ledger = PrivacyLedger.of_model(base.aggregation, base.round)
-    after = ledger.after(settings.privacy.noise_multiplier if settings.privacy else None)
+    after = ledger.after(settings.privacy.mechanisms if settings.privacy else None)
     if settings.privacy is not None:
-        return {**settings.privacy.to_dict(), **after.to_dict(settings.privacy.delta)}
+        return {**settings.privacy.to_dict(), **after.to_dict(settings.privacy.delta), **(clipping or {})}
     earlier = base.aggregation["privacy"]
     delta = float(earlier.get("delta", 1e-5)) if isinstance(earlier, Mapping) else 1e-5
     return after.to_dict(delta)
@@ -295,6 +309,7 @@ def build_global_manifest(
     settings: AggregationSettings,
     level2_weights: Mapping[str, float],
     evidence: Mapping[str, Any] | None = None,
+    clipping: Mapping[str, float] | None = None,
 ) -> GlobalManifest:
     """Provenance of a new global model: who contributed, who was refused, per-task metrics."""
     accepted = sorted(accepted, key=lambda m: m.site)
@@ -327,7 +342,7 @@ def build_global_manifest(
             **settings.to_dict(),
             **(evidence or {}),
             "level2Weights": dict(sorted(level2_weights.items())),
-            **({"privacy": record} if (record := privacy_record(base, settings)) is not None else {}),
+            **({"privacy": record} if (record := privacy_record(base, settings, clipping)) is not None else {}),
         },
     )
 
@@ -467,12 +482,32 @@ def _combine_per_key(
         contributions, outliers = screen_norms(contributions, settings.robust.norm_factor, base_tensors)
         rejected = rejected + outliers
     weighting = settings.level2_weighting
-    if settings.privacy is not None:
-        model_bytes, tensors, weights = combine_private(base_tensors, contributions, settings.privacy, weighting, rng)
+    clipping: dict[str, float] | None = None
+    privacy = settings.privacy
+    if privacy is not None:
+        clip = round_clip_norm(base, privacy)
+        norms = site_norms(contributions, base_tensors)
+        clipping = {"clipNorm": clip}
+        if privacy.adaptive:
+            assert privacy.target_quantile is not None
+            # the count's noise is drawn first, then the model's (a fixed, documented order)
+            clipping["nextClipNorm"] = next_clip_norm(
+                [norms[s] for s in sorted(norms)],
+                clip,
+                privacy.target_quantile,
+                privacy.clip_learning_rate,
+                privacy.count_noise,
+                rng,
+            )
+        model_bytes, tensors, weights = combine_private(
+            base_tensors, contributions, privacy, weighting, rng, clip_norm=clip, norms=norms
+        )
     else:
         model_bytes, tensors, weights = combine_round(base_tensors, contributions, settings.robust, weighting)
     accepted = [c.manifest for c in contributions]
-    manifest = build_global_manifest(base, round_number, model_bytes, accepted, rejected, settings, weights)
+    manifest = build_global_manifest(
+        base, round_number, model_bytes, accepted, rejected, settings, weights, clipping=clipping
+    )
     return AggregationResult(model_bytes=model_bytes, manifest=manifest, tensors=tensors)
 
 

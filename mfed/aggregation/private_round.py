@@ -42,18 +42,13 @@ def _own_keys(task: str, base_tensors: Mapping[str, np.ndarray]) -> list[str]:
     return [k for k in sorted(base_tensors) if owner_of(k).task in (None, task)]
 
 
-def clip_scales(
-    contributions: Sequence[SiteTensors], base_tensors: Mapping[str, np.ndarray], clip_norm: float
-) -> dict[str, float]:
-    """Per site, the factor that clips its whole update (encoder delta + decoder change) to `clip_norm`."""
+def site_norms(contributions: Sequence[SiteTensors], base_tensors: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Per site, the L2 norm of its whole update (encoder delta + decoder change), slice by slice."""
     return {
-        c.manifest.site: clip_scale(
-            l2_norm_of(
-                _change(c, k, base_tensors, start, stop)
-                for k in _own_keys(c.manifest.task, base_tensors)
-                for start, stop in slices(base_tensors[k].size, 1)
-            ),
-            clip_norm,
+        c.manifest.site: l2_norm_of(
+            _change(c, k, base_tensors, start, stop)
+            for k in _own_keys(c.manifest.task, base_tensors)
+            for start, stop in slices(base_tensors[k].size, 1)
         )
         for c in contributions
     }
@@ -65,9 +60,12 @@ def combine_private(
     privacy: PrivacySettings,
     weighting: Level2Weighting,
     rng: np.random.Generator,
+    clip_norm: float,
+    norms: Mapping[str, float],
 ) -> tuple[bytes, dict[str, np.ndarray], dict[str, float]]:
-    """The new global model (bytes and tensors) and the level-2 weights. Per key, each group's
-    noise is drawn slice after slice, which is the same stream as one draw of the whole key."""
+    """The new global model (bytes and tensors) and the level-2 weights, clipping at `clip_norm`
+    the updates whose norms are `norms` (site_norms). Per key, each group's noise is drawn slice
+    after slice, which is the same stream as one draw of the whole key."""
     groups: dict[str, list[SiteTensors]] = {}
     for c in sorted(contributions, key=lambda c: c.manifest.site):
         groups.setdefault(c.manifest.task, []).append(c)
@@ -84,7 +82,8 @@ def combine_private(
             strict=True,
         )
     )
-    scales = clip_scales(contributions, base_tensors, privacy.clip_norm)
+    scales = {site: clip_scale(norm, clip_norm) for site, norm in norms.items()}
+    noise_std = privacy.noise_multiplier * clip_norm
     out = OutputModel(base_tensors)
     for key in sorted(base_tensors):
         owner = owner_of(key)
@@ -101,7 +100,7 @@ def combine_private(
                 clipped_sum = np.zeros(stop - start, dtype=np.float64)
                 for c in members:
                     clipped_sum += scales[c.manifest.site] * _change(c, key, base_tensors, start, stop)
-                value[start:stop] += weights[task] * noisy_mean(clipped_sum, len(members), privacy.noise_std, rng)
+                value[start:stop] += weights[task] * noisy_mean(clipped_sum, len(members), noise_std, rng)
         out.put(key, value.astype(np.float32))
     data, tensors = out.finish()
     return data, tensors, level2

@@ -275,7 +275,8 @@ def _defence_line(config: Mapping[str, Any]) -> str:
         from mfed.privacy.ledger import chain_epsilon
 
         rounds = int(config.get("rounds", 0))
-        epsilon = chain_epsilon(((privacy["noiseMultiplier"], rounds),), privacy["delta"])
+        mechanisms = [privacy["noiseMultiplier"]] + ([privacy["countNoise"]] if "targetQuantile" in privacy else [])
+        epsilon = chain_epsilon(tuple((z, rounds) for z in mechanisms), privacy["delta"])
         parts.append(
             f"DP clip {privacy['clipNorm']:g} noise {privacy['noiseMultiplier']:g}: epsilon {epsilon:.3g} "
             f"at delta {privacy['delta']:g} after {rounds} rounds"

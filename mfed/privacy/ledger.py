@@ -2,7 +2,8 @@
 
 Every round that aggregates under spec.privacy is one Gaussian mechanism on each site's
 clipped update (sensitivity clipNorm, noise std noiseMultiplier x clipNorm, every site takes
-part in every round: no sampling). Task groups are disjoint, so a round is one such mechanism
+part in every round: no sampling), plus, with adaptive clipping, one on the count of sites
+within the clip norm (sensitivity 1, noise std countNoise). Task groups are disjoint, so a round is one such mechanism
 per site, whatever the number of groups; level 2 and every later step only post-process the
 noisy group means. The chain's rounds compose. A model that also carries rounds aggregated
 WITHOUT noise has no finite epsilon, and says so (`unprotected_rounds`).
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -34,24 +35,23 @@ def chain_epsilon(releases: tuple[tuple[float, int], ...], delta: float) -> floa
 
 @dataclass(frozen=True, kw_only=True)
 class PrivacyLedger:
-    """`releases`: (noise multiplier, rounds) in chain order, runs of one multiplier merged."""
+    """`releases`: (noise multiplier, count) of every Gaussian mechanism released so far, one
+    entry per multiplier, sorted (composition does not depend on the order); `rounds`: private
+    rounds of the chain."""
 
     releases: tuple[tuple[float, int], ...] = ()
+    rounds: int = 0
     unprotected_rounds: int = 0
 
-    def after(self, noise_multiplier: float | None) -> PrivacyLedger:
-        """The ledger once one more round is aggregated (None: without noise)."""
-        if noise_multiplier is None:
-            return PrivacyLedger(releases=self.releases, unprotected_rounds=self.unprotected_rounds + 1)
-        if self.releases and self.releases[-1][0] == noise_multiplier:
-            merged = (*self.releases[:-1], (noise_multiplier, self.releases[-1][1] + 1))
-        else:
-            merged = (*self.releases, (noise_multiplier, 1))
-        return PrivacyLedger(releases=merged, unprotected_rounds=self.unprotected_rounds)
-
-    @property
-    def rounds(self) -> int:
-        return sum(count for _, count in self.releases)
+    def after(self, mechanisms: tuple[float, ...] | None) -> PrivacyLedger:
+        """The ledger once one more round is aggregated, releasing Gaussian mechanisms of these
+        noise multipliers (PrivacySettings.mechanisms; None: without noise)."""
+        if mechanisms is None:
+            return replace(self, unprotected_rounds=self.unprotected_rounds + 1)
+        counts = dict(self.releases)
+        for z in mechanisms:
+            counts[z] = counts.get(z, 0) + 1
+        return replace(self, releases=tuple(sorted(counts.items())), rounds=self.rounds + 1)
 
     def epsilon(self, delta: float) -> float:
         """math.inf when a round released its sites' updates without noise."""
@@ -61,6 +61,7 @@ class PrivacyLedger:
         epsilon = self.epsilon(delta)
         return {
             "releases": [[z, n] for z, n in self.releases],
+            "rounds": self.rounds,
             "unprotectedRounds": self.unprotected_rounds,
             "delta": delta,
             # JSON has no infinity: null with unprotectedRounds > 0 means "no finite epsilon"
@@ -75,10 +76,11 @@ class PrivacyLedger:
         if not isinstance(record, Mapping):
             return cls(unprotected_rounds=max(model_round, 0))
         try:
-            releases = tuple((float(z), int(n)) for z, n in record.get("releases") or ())
+            releases = tuple(sorted((float(z), int(n)) for z, n in record.get("releases") or ()))
             unprotected = int(record.get("unprotectedRounds") or 0)
+            rounds = int(record.get("rounds") or 0)
         except (TypeError, ValueError):
             raise ValueError(f"the model's privacy record is malformed: {dict(record)!r}") from None
-        if any(not (math.isfinite(z) and z > 0) or n < 1 for z, n in releases) or unprotected < 0:
+        if any(not (math.isfinite(z) and z > 0) or n < 1 for z, n in releases) or min(unprotected, rounds) < 0:
             raise ValueError(f"the model's privacy record is malformed: {dict(record)!r}")
-        return cls(releases=releases, unprotected_rounds=unprotected)
+        return cls(releases=releases, rounds=rounds, unprotected_rounds=unprotected)

@@ -8,6 +8,7 @@ vector, so the direction is kept and a single bound covers both parts.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -26,3 +27,20 @@ def noisy_mean(clipped_sum: np.ndarray, members: int, noise_std: float, rng: np.
     noise = rng.normal(0.0, noise_std, size=clipped_sum.shape)
     out: np.ndarray = (np.asarray(clipped_sum, dtype=np.float64) + noise) / members
     return out
+
+
+def next_clip_norm(
+    norms: Iterable[float],
+    clip_norm: float,
+    target_quantile: float,
+    learning_rate: float,
+    count_noise: float,
+    rng: np.random.Generator,
+) -> float:
+    """Andrew et al. 2021's geometric update: C exp(-eta (b - gamma)), b the noisy share of the
+    updates whose norm is within C (sum of indicators + N(0, count_noise^2), over the count)."""
+    values = list(norms)
+    if not values:
+        raise ValueError("no update norms to adapt the clip norm to")
+    within = sum(1.0 for n in values if n <= clip_norm) + float(rng.normal(0.0, count_noise))
+    return clip_norm * math.exp(-learning_rate * (within / len(values) - target_quantile))

@@ -135,6 +135,12 @@ def test_privacy_and_robust_fields_reach_the_aggregator() -> None:
     ).privacy
     assert private is not None
     assert (private.clip_norm, private.noise_multiplier, private.delta, private.epsilon_budget) == (0.5, 1.2, 1e-5, 8)
+    assert not private.adaptive
+    adaptive = aggregation_settings(
+        round_view(privacy={"clipNorm": 0.5, "noiseMultiplier": 1.2, "targetQuantile": 0.7, "countNoise": 2})
+    ).privacy
+    assert adaptive is not None and adaptive.mechanisms == (1.2, 2.0)
+    assert (adaptive.target_quantile, adaptive.clip_learning_rate) == (0.7, 0.2)
 
 
 DP = {"clipNorm": 1.0, "noiseMultiplier": 1.0}
@@ -162,6 +168,8 @@ def test_a_method_that_cannot_take_privacy_or_a_robust_rule_fails_naming_the_fie
         ({"privacy": {"clipNorm": 0, "noiseMultiplier": 1.0}}, "spec.privacy.clipNorm"),
         ({"privacy": {"clipNorm": 1.0}}, "spec.privacy.noiseMultiplier"),
         ({"privacy": {"clipNorm": 1.0, "noiseMultiplier": 1.0, "delta": 2}}, "spec.privacy.delta"),
+        ({"privacy": {**DP, "targetQuantile": 1.0}}, "spec.privacy.targetQuantile"),
+        ({"privacy": {**DP, "targetQuantile": 0.5, "countNoise": 0}}, "spec.privacy.countNoise"),
         ({"aggregation": {"rule": "median", "trim": 0.1}}, "spec.aggregation.trim"),
         ({"aggregation": {"rule": "trimmed-mean", "trim": 0.5}}, "spec.aggregation.trim"),
         ({"aggregation": {"normFactor": 0.5}}, "spec.aggregation.normFactor"),

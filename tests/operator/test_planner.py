@@ -29,6 +29,7 @@ from mfed_operator.domain.status import Retry, RoundStatus, SiteRecord, iso
 from mfed_operator.domain.validation import BaseSummary, BaseTask
 from mfed_operator.domain.views import RoundView, SiteTaskView
 
+from mfed.privacy.ledger import PrivacyLedger
 from mfed.registry import KINDS, Catalog, Entry, Listing, builtin_catalog
 from mfed.spec import ArchSpec, SharingMode, SharingPolicy
 from tests.operator.builders import CONFIG, NOW, job, later, round_view, site
@@ -561,3 +562,58 @@ def test_a_forbidden_secret_says_which_chart_value_grants_it() -> None:
     assert [p.reason for p in problems] == ["SecretForbidden"]
     assert "add team-s3 to the chart's rbac.secretNames" in problems[0].message
     assert "in namespace team-a" in problems[0].message
+
+
+def _fitting_base(ledger: PrivacyLedger) -> BaseSummary:
+    """A base model the round and SITES fit, carrying `ledger`."""
+    r = round_view()
+    return BaseSummary(
+        uri=BASE_URI,
+        sha256="ab" * 32,
+        federation="fed",
+        encoder=r.encoder,
+        sharing=r.sharing,
+        tasks={s.task_name: BaseTask(type=s.task_type, params=dict(s.task_params), decoder=s.decoder) for s in SITES},
+        privacy=ledger,
+    )
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_round_that_would_pass_the_privacy_budget_fails_before_any_job(adaptive: bool) -> None:
+    privacy: dict[str, Any] = {"clipNorm": 1.0, "noiseMultiplier": 1.0}
+    if adaptive:
+        privacy.update(targetQuantile=0.5, countNoise=2.0)  # a second mechanism a round
+    mechanisms = (1.0, 2.0) if adaptive else (1.0,)
+    after_three = PrivacyLedger().after(mechanisms).after(mechanisms).after(mechanisms).epsilon(1e-5)
+    after_two = PrivacyLedger().after(mechanisms).after(mechanisms).epsilon(1e-5)
+    budget = (after_two + after_three) / 2
+    r = round_view(privacy={**privacy, "epsilonBudget": budget})
+    base_after_one = PrivacyLedger().after(mechanisms)
+    fits = apply_outcome(
+        RoundStatus(pending_since=iso(NOW)),
+        BaseInspected(base=_fitting_base(base_after_one)),
+        Desired(round=r, sites=SITES, config=CONFIG),
+        NOW,
+    )
+    assert fits.phase is Phase.PENDING and fits.base_uri == BASE_URI, fits.headline
+    refused = apply_outcome(
+        RoundStatus(pending_since=iso(NOW)),
+        BaseInspected(base=_fitting_base(base_after_one.after(mechanisms))),
+        Desired(round=r, sites=SITES, config=CONFIG),
+        NOW,
+    )
+    assert refused.phase is Phase.FAILED and refused.headline is not None
+    assert refused.headline.reason == "PrivacyBudgetExceeded"
+    assert (
+        f"epsilon {after_three:.3g}" in refused.headline.message
+        and "after 3 private rounds" in refused.headline.message
+    )
+    # a base from plain rounds has no finite epsilon: refused whatever the budget
+    plain = apply_outcome(
+        RoundStatus(pending_since=iso(NOW)),
+        BaseInspected(base=_fitting_base(PrivacyLedger(unprotected_rounds=2))),
+        Desired(round=r, sites=SITES, config=CONFIG),
+        NOW,
+    )
+    assert plain.headline is not None and plain.headline.reason == "PrivacyBudgetExceeded"
+    assert "2 round(s) aggregated without spec.privacy" in plain.headline.message

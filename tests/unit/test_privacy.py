@@ -122,13 +122,14 @@ def test_epsilon_in_the_manifest_is_the_accountants_and_the_chain_composes():
     accountant = rdp.RdpAccountant()
     accountant.compose(dp_accounting.GaussianDpEvent(z), 1)
     assert record["epsilon"] == pytest.approx(accountant.get_epsilon(delta), rel=1e-6)
-    assert record["releases"] == [[z, 1]] and record["unprotectedRounds"] == 0
+    assert record["releases"] == [[z, 1]] and record["unprotectedRounds"] == 0 and record["rounds"] == 1
+    assert record["clipNorm"] == 1.0 and "nextClipNorm" not in record
     # three more rounds continue the ledger from the model, a round with another multiplier too
-    ledger = PrivacyLedger.of_model(first.aggregation, first.round).after(z).after(z).after(2.0)
+    ledger = PrivacyLedger.of_model(first.aggregation, first.round).after((z,)).after((z,)).after((2.0,))
     independent = rdp.RdpAccountant()
     independent.compose(dp_accounting.GaussianDpEvent(z), 3)
     independent.compose(dp_accounting.GaussianDpEvent(2.0), 1)
-    assert ledger.releases == ((z, 3), (2.0, 1))
+    assert ledger.releases == ((z, 3), (2.0, 1)) and ledger.rounds == 4
     assert ledger.epsilon(delta) == pytest.approx(independent.get_epsilon(delta), rel=1e-6)
     # RDP is an upper bound: the (tighter) PLD accountant never says more
     tight = pld.PLDAccountant()
@@ -150,10 +151,10 @@ def test_a_round_without_noise_leaves_no_finite_epsilon():
     plain = aggregate(second_base, tensors, 2, [_source(m, d, c) for m, d, c, _, _ in second], AggregationSettings())
     record = plain.manifest.aggregation["privacy"]
     assert record["releases"] == [[1.0, 1]] and record["unprotectedRounds"] == 1 and record["epsilon"] is None
-    assert math.isinf(PrivacyLedger.of_model(plain.manifest.aggregation, 2).after(1.0).epsilon(1e-5))
+    assert math.isinf(PrivacyLedger.of_model(plain.manifest.aggregation, 2).after((1.0,)).epsilon(1e-5))
     # a model from plain rounds carries them all: DP from round 4 on cannot undo rounds 1-3
-    assert PrivacyLedger.of_model({}, 3).after(1.0).unprotected_rounds == 3
-    assert PrivacyLedger.of_model({}, 0).after(1.0).unprotected_rounds == 0  # the initial model saw no data
+    assert PrivacyLedger.of_model({}, 3).after((1.0,)).unprotected_rounds == 3
+    assert PrivacyLedger.of_model({}, 0).after((1.0,)).unprotected_rounds == 0  # the initial model saw no data
 
 
 def test_plain_rounds_keep_their_manifests_as_they_were():
@@ -191,3 +192,40 @@ def test_privacy_refuses_rules_it_cannot_account_for():
 
 def test_chain_epsilon_of_nothing_is_zero():
     assert chain_epsilon((), 1e-5) == 0.0
+
+
+def test_adaptive_clipping_moves_the_clip_norm_toward_the_target_quantile_and_accounts_the_count():
+    """Andrew et al. 2021, recomputed here: C' = C exp(-eta (b - gamma)), b = (within + N(0, s^2)) / n,
+    the count's noise drawn first from the round's generator; the next round clips at C'."""
+    z, s_count, eta, gamma, clip = 1.0, 0.5, 0.2, 0.5, 0.05
+    privacy = PrivacySettings(
+        clip_norm=clip, noise_multiplier=z, target_quantile=gamma, clip_learning_rate=eta, count_noise=s_count
+    )
+    base, tensors, contribs = _round(9)
+    first = _run(base, tensors, contribs, privacy, seed=4).manifest.aggregation["privacy"]
+    norms = []
+    for m, _d, _c, delta, decoder in contribs:
+        change = [v.astype(np.float64) for v in delta.values()]
+        change += [v - tensors[f"tasks.{m.task}.{k}"] for k, v in decoder.items()]
+        norms.append(math.sqrt(sum(float(np.sum(c**2)) for c in change)))
+    within = sum(n <= clip for n in norms) + np.random.default_rng(4).normal(0.0, s_count)
+    expected = clip * math.exp(-eta * (within / len(norms) - gamma))
+    assert first["clipNorm"] == clip and first["nextClipNorm"] == pytest.approx(expected, rel=1e-12)
+    assert min(norms) > clip and first["nextClipNorm"] > clip  # every update was clipped: C grows
+    # two Gaussian mechanisms a round, composed by the accountant called directly
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(z), 1)
+    accountant.compose(dp_accounting.GaussianDpEvent(s_count), 1)
+    assert first["releases"] == [[s_count, 1], [z, 1]] and first["rounds"] == 1
+    assert first["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-6)
+    # the next round of the chain clips at the carried norm
+    second_base = replace(base, round=1, aggregation={"privacy": first})
+    second = [
+        make_contribution(second_base, m.site, m.task, m.samples, np.random.default_rng(2), round_number=2)
+        for m, *_ in contribs
+    ]
+    sources = [_source(m, d, c) for m, d, c, _, _ in second]
+    settings = AggregationSettings(privacy=privacy)
+    record = aggregate(second_base, tensors, 2, sources, settings, noise_rng=np.random.default_rng(0)).manifest
+    assert record.aggregation["privacy"]["clipNorm"] == first["nextClipNorm"]
+    assert record.aggregation["privacy"]["rounds"] == 2

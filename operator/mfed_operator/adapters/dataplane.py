@@ -301,10 +301,10 @@ def status_privacy(record: object) -> dict[str, Any] | None:
     out: dict[str, Any] = {
         "epsilon": record.get("epsilon"),
         "delta": record.get("delta"),
-        "rounds": sum(int(n) for _z, n in record.get("releases") or ()),
+        "rounds": record.get("rounds", 0),
         "unprotectedRounds": record.get("unprotectedRounds", 0),
     }
-    for key in ("noiseMultiplier", "clipNorm", "epsilonBudget"):
+    for key in ("noiseMultiplier", "clipNorm", "nextClipNorm", "epsilonBudget"):
         if key in record:
             out[key] = record[key]
     return out

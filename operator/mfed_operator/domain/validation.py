@@ -243,7 +243,7 @@ def privacy_budget_problem(base: BaseSummary, r: RoundView) -> Problem | None:
     privacy = r.privacy
     if privacy is None or privacy.epsilon_budget is None:
         return None
-    after = base.privacy.after(privacy.noise_multiplier)
+    after = base.privacy.after(privacy.mechanisms)
     if after.unprotected_rounds:
         return Problem(
             "PrivacyBudgetExceeded",

@@ -465,11 +465,16 @@ def _privacy(f: Fields) -> PrivacySettings:
     budget = _opt_float(f, "epsilonBudget")
     delta = _opt_float(f, "delta")
     try:
+        defaults = PrivacySettings(clip_norm=1.0, noise_multiplier=1.0)
+        rate, count = _opt_float(f, "clipLearningRate"), _opt_float(f, "countNoise")
         return PrivacySettings(
             clip_norm=f.float("clipNorm"),
             noise_multiplier=f.float("noiseMultiplier"),
             delta=1e-5 if delta is None else delta,
             epsilon_budget=budget,
+            target_quantile=_opt_float(f, "targetQuantile"),
+            clip_learning_rate=defaults.clip_learning_rate if rate is None else rate,
+            count_noise=defaults.count_noise if count is None else count,
         )
     except PrivacySettingError as exc:
         raise FieldError(f"{f.path}.{exc.field}", exc.message) from None

@@ -105,11 +105,14 @@ def report(results: dict[str, Any], seeds: list[int]) -> dict[str, dict[str, Any
 def attacks(args: argparse.Namespace, seeds: list[int]) -> None:
     rule = RobustSettings(rule=RobustRule(args.rule))
     base = _base(args)
-    variants = [Variant("clean, mean", base), Variant(f"clean, {args.rule}", replace(base, robust=rule))]
+    variants = [Variant("clean, mean", base)]
+    if not args.skip_clean_robust:
+        variants.append(Variant(f"clean, {args.rule}", replace(base, robust=rule)))
     kinds = [AttackKind(k) for k in args.attacks.split(",")]
     for kind in kinds:
         attack = Attack(kind=kind, site=args.site)
-        variants.append(Variant(f"{kind.value}, mean", replace(base, attack=attack)))
+        if not args.robust_only:
+            variants.append(Variant(f"{kind.value}, mean", replace(base, attack=attack)))
         variants.append(Variant(f"{kind.value}, {args.rule}", replace(base, attack=attack, robust=rule)))
     results = run_all(variants, seeds, args.site)
     print(f"\nsite {args.site} attacks; honest sites only; mean ± std over seeds {','.join(map(str, seeds))}")
@@ -117,7 +120,7 @@ def attacks(args: argparse.Namespace, seeds: list[int]) -> None:
     clean = rows["clean, mean"]["tasks"]
     worst = (0.0, "")
     for kind in kinds:
-        for rule_name in ("mean", args.rule):
+        for rule_name in (args.rule,) if args.robust_only else ("mean", args.rule):
             gap = max(abs(rows[f"{kind.value}, {rule_name}"]["tasks"][t][0] - clean[t][0]) for t in clean)
             print(f"largest per-task gap to clean mean, {kind.value}, {rule_name}: {gap:.2f} points")
             if rule_name == args.rule:
@@ -130,7 +133,9 @@ def _base(args: argparse.Namespace) -> PilotConfig:
     """The default pilot; --quick: its smoke-test size (2 rounds, 2 sites per task)."""
     from mfed.pilot.config import QUICK
 
-    return replace(PilotConfig(), **{**QUICK, "sites_per_task": 2}) if args.quick else PilotConfig()
+    if args.quick:
+        return replace(PilotConfig(), **{**QUICK, "sites_per_task": 2})
+    return replace(PilotConfig(), sites_per_task=args.sites_per_task)
 
 
 def dp(args: argparse.Namespace, seeds: list[int]) -> None:
@@ -189,6 +194,9 @@ def main() -> None:
     parser.add_argument("--noise", default="0.3,1,3")
     parser.add_argument("--clip", type=float, default=0.1)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-attacks"))
+    parser.add_argument("--robust-only", action="store_true", help="attacked runs under the robust rule only")
+    parser.add_argument("--skip-clean-robust", action="store_true", help="no clean run under the robust rule")
+    parser.add_argument("--sites-per-task", type=int, default=2, help="sites per task group (default 2)")
     parser.add_argument("--quick", action="store_true", help="a smoke-test size run (numbers mean nothing)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -37,6 +37,7 @@ from mfed.aggregation.robust import RobustSettings
 from mfed.aggregation.robust_round import SiteTensors, combine_round, read_valid, screen_norms
 from mfed.aggregation.streaming import (
     PARALLEL_READS,
+    RangedContribution,
     ReadPlan,
     StreamedRound,
     aggregate_streamed_groups,
@@ -401,6 +402,21 @@ def aggregate(
     return AggregationResult(model_bytes=model_bytes, manifest=manifest, tensors=outcome.tensors)
 
 
+def _validate_ranged(
+    base_tensors: Mapping[str, np.ndarray],
+    kept: list[tuple[str, ContributionManifest, ContributionSource]],
+    pool: ThreadPoolExecutor,
+) -> tuple[ReadPlan, list[RangedContribution], list[Rejection]]:
+    """Every ranged source checked by streaming.validate_all, with the round's read plan; raises
+    ValueError when none passes."""
+    opened = [(m, s.open_files) for _site, m, s in kept if s.open_files is not None]
+    plan = ReadPlan.for_round(sum(int(v.size) * 4 for v in base_tensors.values()), len(opened))
+    accepted, refused = validate_all(base_tensors, opened, pool, plan.scan_workers)
+    if not accepted:
+        raise ValueError("no contribution was accepted; there is nothing to aggregate")
+    return plan, accepted, refused
+
+
 def _aggregate_streamed(
     base: GlobalManifest,
     base_tensors: Mapping[str, np.ndarray],
@@ -410,15 +426,11 @@ def _aggregate_streamed(
     settings: AggregationSettings,
 ) -> AggregationResult:
     """The same result as the whole-contribution paths, read tensor by tensor (streaming.py)."""
-    opened = [(m, s.open_files) for _site, m, s in kept if s.open_files is not None]
-    plan = ReadPlan.for_round(sum(int(v.size) * 4 for v in base_tensors.values()), len(opened))
     # The pool only waits on reads (S3 round trips): the arithmetic stays in this thread, in
     # the same order as without it.
     with ThreadPoolExecutor(max_workers=PARALLEL_READS, thread_name_prefix="mfed-read") as pool:
-        accepted, refused = validate_all(base_tensors, opened, pool, plan.scan_workers)
+        plan, accepted, refused = _validate_ranged(base_tensors, kept, pool)
         rejected = rejected + refused
-        if not accepted:
-            raise ValueError("no contribution was accepted; there is nothing to aggregate")
         if all(c.in_memory for c in accepted):  # nothing to wait for: no threads, no read-ahead
             round_ = StreamedRound(base_tensors, accepted)
         else:
@@ -456,13 +468,9 @@ def _aggregate_per_key(
         what = "differential privacy" if settings.privacy is not None else "robust rules"
         raise ValueError(f"{what} do not support task-level copies of the shared encoder")
     if all(s.open_files is not None for _, _, s in kept):
-        opened = [(m, s.open_files) for _site, m, s in kept if s.open_files is not None]
-        plan = ReadPlan.for_round(sum(int(v.size) * 4 for v in base_tensors.values()), len(opened))
         with ThreadPoolExecutor(max_workers=PARALLEL_READS, thread_name_prefix="mfed-read") as pool:
-            ranged, refused = validate_all(base_tensors, opened, pool, plan.scan_workers)
+            plan, ranged, refused = _validate_ranged(base_tensors, kept, pool)
         rejected = rejected + refused
-        if not ranged:
-            raise ValueError("no contribution was accepted; there is nothing to aggregate")
         reads = StreamedRound(base_tensors, ranged, None, plan)  # files through a read-ahead block
         return _combine_per_key(base, base_tensors, round_number, reads.contributions, rejected, settings, rng)
     valid, unreadable = read_valid(base, base_tensors, kept)

@@ -19,10 +19,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from mfed.aggregation.crosstask import GroupUpdate, Level2Weighting, group_weights
+from mfed.aggregation.crosstask import Level2Weighting
 from mfed.aggregation.ownership import owner_of
 from mfed.aggregation.robust import l2_norm_of
-from mfed.aggregation.robust_round import SiteTensors, slices
+from mfed.aggregation.robust_round import SiteTensors, by_task, level2_weights, slices
 from mfed.aggregation.streaming import OutputModel
 from mfed.privacy.mechanism import clip_scale, noisy_mean
 from mfed.privacy.settings import PrivacySettings
@@ -66,22 +66,8 @@ def combine_private(
     """The new global model (bytes and tensors) and the level-2 weights, clipping at `clip_norm`
     the updates whose norms are `norms` (site_norms). Per key, each group's noise is drawn slice
     after slice, which is the same stream as one draw of the whole key."""
-    groups: dict[str, list[SiteTensors]] = {}
-    for c in sorted(contributions, key=lambda c: c.manifest.site):
-        groups.setdefault(c.manifest.task, []).append(c)
-    if not groups:
-        raise ValueError("no contribution was accepted; there is nothing to aggregate")
-    tasks = sorted(groups)
-    level2 = dict(
-        zip(
-            tasks,
-            group_weights(
-                [GroupUpdate(task=t, samples=sum(c.manifest.samples for c in groups[t]), mean_delta={}) for t in tasks],
-                weighting,
-            ),
-            strict=True,
-        )
-    )
+    groups, tasks = by_task(contributions)
+    level2 = level2_weights(groups, weighting)
     scales = {site: clip_scale(norm, clip_norm) for site, norm in norms.items()}
     noise_std = privacy.noise_multiplier * clip_norm
     out = OutputModel(base_tensors)

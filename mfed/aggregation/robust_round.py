@@ -77,6 +77,24 @@ def screen_norms(
     return kept, rejected
 
 
+def by_task(contributions: Sequence[C]) -> tuple[dict[str, list[C]], list[str]]:
+    """The contributions per task group (sites sorted) and the sorted task names; raises
+    ValueError when there are none."""
+    groups: dict[str, list[C]] = {}
+    for c in sorted(contributions, key=lambda c: c.manifest.site):
+        groups.setdefault(c.manifest.task, []).append(c)
+    if not groups:
+        raise ValueError("no contribution was accepted; there is nothing to aggregate")
+    return groups, sorted(groups)
+
+
+def level2_weights(groups: Mapping[str, Sequence[SiteTensors]], weighting: Level2Weighting) -> dict[str, float]:
+    """Each task group's level-2 weight (uniform, or by its sites' samples), by task."""
+    tasks = sorted(groups)
+    updates = [GroupUpdate(task=t, samples=sum(c.manifest.samples for c in groups[t]), mean_delta={}) for t in tasks]
+    return dict(zip(tasks, group_weights(updates, weighting), strict=True))
+
+
 def combine_round(
     base_tensors: Mapping[str, np.ndarray],
     contributions: Sequence[SiteTensors],
@@ -86,16 +104,9 @@ def combine_round(
     """The new global model (bytes and tensors) and the level-2 weights (nominal: equal under
     median/trimmed). Every rule is coordinate-wise, so combining slice by slice gives the values
     combining whole tensors would."""
-    groups: dict[str, list[SiteTensors]] = {}
-    for c in sorted(contributions, key=lambda c: c.manifest.site):
-        groups.setdefault(c.manifest.task, []).append(c)
-    if not groups:
-        raise ValueError("no contribution was accepted; there is nothing to aggregate")
-    tasks = sorted(groups)
-    level2 = group_weights(
-        [GroupUpdate(task=t, samples=sum(c.manifest.samples for c in groups[t]), mean_delta={}) for t in tasks],
-        weighting if robust.rule is RobustRule.MEAN else Level2Weighting.UNIFORM,
-    )
+    groups, tasks = by_task(contributions)
+    weights = level2_weights(groups, weighting if robust.rule is RobustRule.MEAN else Level2Weighting.UNIFORM)
+    level2 = [weights[t] for t in tasks]
     out = OutputModel(base_tensors)
 
     def group_value(task: str, site_key: str, start: int, stop: int) -> np.ndarray:
@@ -120,7 +131,7 @@ def combine_round(
                 value = base[start:stop].astype(np.float64) + group_value(owner.task, owner.site_key, start, stop)
             out.put(key, value.astype(np.float32), start)
     data, tensors = out.finish()
-    return data, tensors, dict(zip(tasks, level2, strict=True))
+    return data, tensors, weights
 
 
 def read_valid(

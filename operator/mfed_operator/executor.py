@@ -254,7 +254,7 @@ class Executor:
     async def _s3(self, storage: CountingStorage, status: RoundStatus, action: Action) -> Outcome:
         try:
             if isinstance(action, InspectBase):
-                return BaseInspected(base=await self._io(inspect_base, storage, action.uri))
+                return BaseInspected(base=await self._io(inspect_base, storage, action.uri, action.privacy))
             if isinstance(action, VerifySite):
                 base = await self._io(self._bases.get, storage, status.base_uri or "", status.base_sha256 or "")
                 outcome = await self._io(verify_site, storage, base, status.round or 1, action.site, action.prefix)

@@ -26,10 +26,11 @@ from mfed_operator.domain.observations import JobState, PreviousRound, SecretChe
 from mfed_operator.domain.phases import TRANSITIONS, IllegalTransition, Phase, SitePhase, check_transition
 from mfed_operator.domain.planner import Decision, Desired, Observed, apply_outcome, plan
 from mfed_operator.domain.status import Retry, RoundStatus, SiteRecord, iso
-from mfed_operator.domain.validation import BaseSummary, BaseTask
+from mfed_operator.domain.validation import BaseSummary, BaseTask, epsilon_after_round
 from mfed_operator.domain.views import RoundView, SiteTaskView
 
 from mfed.privacy.ledger import PrivacyLedger
+from mfed.privacy.settings import PrivacySettings
 from mfed.registry import KINDS, Catalog, Entry, Listing, builtin_catalog
 from mfed.spec import ArchSpec, SharingMode, SharingPolicy
 from tests.operator.builders import CONFIG, NOW, job, later, round_view, site
@@ -564,8 +565,9 @@ def test_a_forbidden_secret_says_which_chart_value_grants_it() -> None:
     assert "in namespace team-a" in problems[0].message
 
 
-def _fitting_base(ledger: PrivacyLedger) -> BaseSummary:
-    """A base model the round and SITES fit, carrying `ledger`."""
+def _fitting_base(ledger: PrivacyLedger, privacy: PrivacySettings | None = None) -> BaseSummary:
+    """A base model the round and SITES fit, carrying `ledger`; with the round's `privacy`, the
+    epsilon the adapter computes when it reads the manifest (dataplane.inspect_base)."""
     r = round_view()
     return BaseSummary(
         uri=BASE_URI,
@@ -575,6 +577,7 @@ def _fitting_base(ledger: PrivacyLedger) -> BaseSummary:
         sharing=r.sharing,
         tasks={s.task_name: BaseTask(type=s.task_type, params=dict(s.task_params), decoder=s.decoder) for s in SITES},
         privacy=ledger,
+        epsilon_after_round=None if privacy is None else epsilon_after_round(ledger, privacy),
     )
 
 
@@ -598,7 +601,7 @@ def test_a_round_that_would_pass_the_privacy_budget_fails_before_any_job(adaptiv
     assert fits.phase is Phase.PENDING and fits.base_uri == BASE_URI, fits.headline
     refused = apply_outcome(
         RoundStatus(pending_since=iso(NOW)),
-        BaseInspected(base=_fitting_base(base_after_one.after(mechanisms))),
+        BaseInspected(base=_fitting_base(base_after_one.after(mechanisms), r.privacy)),
         Desired(round=r, sites=SITES, config=CONFIG),
         NOW,
     )

@@ -21,6 +21,7 @@ from mfed.artifacts.manifest import ContributionManifest, ManifestError
 from mfed.artifacts.ranged import ByteRange, BytesRange
 from mfed.model_store import GlobalModel, GlobalModelError, check_global_model_present, read_global_model
 from mfed.privacy.ledger import PrivacyLedger
+from mfed.privacy.settings import PrivacySettings
 from mfed.storage import NotFound, Storage
 from mfed_operator.domain.actions import (
     Aggregate,
@@ -29,7 +30,7 @@ from mfed_operator.domain.actions import (
     SiteRejected,
     SiteVerified,
 )
-from mfed_operator.domain.validation import BaseSummary, BaseTask
+from mfed_operator.domain.validation import BaseSummary, BaseTask, epsilon_after_round
 
 
 class CountingStorage:
@@ -103,8 +104,9 @@ class BaseModelCache:
         return model
 
 
-def inspect_base(storage: CountingStorage, uri: str) -> BaseSummary:
-    """Read the manifest only (small), and check the model file is there."""
+def inspect_base(storage: CountingStorage, uri: str, round_privacy: PrivacySettings | None = None) -> BaseSummary:
+    """Read the manifest only (small), and check the model file is there; with the round's
+    `round_privacy`, also the chain's epsilon after the round (the accountant runs in this thread)."""
     manifest = check_global_model_present(storage, uri)
     tasks = {
         name: BaseTask(type=info.type, params=dict(info.params), decoder=info.decoder)
@@ -122,6 +124,7 @@ def inspect_base(storage: CountingStorage, uri: str) -> BaseSummary:
         sharing=manifest.sharing,
         tasks=tasks,
         privacy=privacy,
+        epsilon_after_round=None if round_privacy is None else epsilon_after_round(privacy, round_privacy),
     )
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mfed.aggregation.fedavg import AggregationSettings
+from mfed.privacy.settings import PrivacySettings
 from mfed_operator.domain.validation import BaseSummary
 
 # ---------------------------------------------------------------- actions
@@ -32,6 +33,7 @@ class DeleteJob:
 @dataclass(frozen=True, kw_only=True)
 class InspectBase:
     uri: str
+    privacy: PrivacySettings | None = None  # the round's: the chain's epsilon after it is computed with the read
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -227,7 +227,7 @@ def _pending(desired: Desired, observed: Observed, status: RoundStatus) -> Decis
             if job.state is not JobState.SUCCEEDED:
                 return Decision(status=headline(status, "Initializing", f"Job {name} is writing the initial model"))
             if storage_ready(status, now):
-                actions.append(InspectBase(uri=base_uri))
+                actions.append(InspectBase(uri=base_uri, privacy=r.privacy))
             return Decision(
                 status=headline(status, "Initializing", "checking the initial model"), actions=tuple(actions)
             )
@@ -240,7 +240,7 @@ def _pending(desired: Desired, observed: Observed, status: RoundStatus) -> Decis
         if status.base_sha256 is None:
             status = replace(status, base_uri=base_uri)
             if storage_ready(status, now):
-                actions.append(InspectBase(uri=base_uri))
+                actions.append(InspectBase(uri=base_uri, privacy=r.privacy))
             return Decision(
                 status=headline(status, "CheckingBaseModel", f"reading the initial model at {base_uri}"),
                 actions=tuple(actions),

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from mfed.privacy.ledger import PrivacyLedger
+from mfed.privacy.settings import PrivacySettings
 from mfed.registry import KINDS, Catalog
 from mfed.spec import ArchSpec, SharingPolicy
 from mfed_operator.domain.method_settings import method_plan
@@ -236,6 +237,15 @@ class BaseSummary:
     sharing: SharingPolicy
     tasks: Mapping[str, BaseTask]
     privacy: PrivacyLedger = PrivacyLedger()  # what the model's chain has released so far
+    # The chain's epsilon once this round is aggregated too (spec.privacy), computed where the
+    # manifest was read (an I/O thread): the accountant (scipy) stays out of the event loop.
+    epsilon_after_round: float | None = None
+
+
+def epsilon_after_round(ledger: PrivacyLedger, privacy: PrivacySettings) -> float:
+    """Epsilon at spec.privacy.delta once one more round of `privacy` is composed (inf when the
+    chain had rounds without noise)."""
+    return ledger.after(privacy.mechanisms).epsilon(privacy.delta)
 
 
 def privacy_budget_problem(base: BaseSummary, r: RoundView) -> Problem | None:
@@ -251,7 +261,9 @@ def privacy_budget_problem(base: BaseSummary, r: RoundView) -> Problem | None:
             "spec.privacy, so no finite epsilon holds for its sites; start a fresh chain (spec.initialModel.seed) "
             "with spec.privacy set, or drop spec.privacy.epsilonBudget",
         )
-    epsilon = after.epsilon(privacy.delta)
+    epsilon = base.epsilon_after_round
+    if epsilon is None:  # a summary read without the round's settings: account here
+        epsilon = epsilon_after_round(base.privacy, privacy)
     if epsilon > privacy.epsilon_budget:
         return Problem(
             "PrivacyBudgetExceeded",

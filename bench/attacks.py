@@ -3,15 +3,18 @@
 The pilot's default scenario (4 tasks x 2 sites, equal compute: 600 steps per site), M-Fed beside
 Local, every site's model chosen on its own validation split. `--mode attacks` runs, per seed:
 M-Fed clean with the mean and with the robust rule, then with site `--site` attacking (the pilot's
---attack: sign-flip, scale x100, shuffled labels) under each rule. The attacker's own scores are
-left out of every row, clean ones included, so each row is over the same honest sites. Printed
-per task: the mean over seeds and its std, the largest gap to the clean mean run, and dm% vs Local.
+--attack: sign-flip, scale x100, shuffled labels) under each rule, and once with the site absent
+(it never uploads: the best any rule that refuses it can give the others). The attacker's own
+scores are left out of every row, clean ones included, so each row is over the same honest sites.
+Printed per task: the mean over seeds and its std, the largest gap to the clean mean run and to
+the run without the attacker, and dm% vs Local.
 
 `--mode dp` runs M-Fed under site-level DP at each noise multiplier of `--noise` (clip norm
 `--clip`), prints dm% vs Local against the chain's epsilon (dp-accounting, delta 1e-5, all rounds
 composed) and draws it as dp.png.
 
     python bench/attacks.py --mode attacks --seeds 0,1,2,3,4 [--rule median] [--site cls10-0]
+    python bench/attacks.py --mode attacks --rule mean --norm-factor 3 --min-cosine 0   (screens, then the mean)
     python bench/attacks.py --mode dp --seeds 0,1,2 --noise 0.3,1,3 --clip 0.1
 ends with `worst_robust_gap=<points> attack=<kind>` (attacks) or `epsilon=<e> dm_percent=<d>` per level (dp).
 """
@@ -103,27 +106,38 @@ def report(results: dict[str, Any], seeds: list[int]) -> dict[str, dict[str, Any
 
 
 def attacks(args: argparse.Namespace, seeds: list[int]) -> None:
-    rule = RobustSettings(rule=RobustRule(args.rule))
+    rule = RobustSettings(rule=RobustRule(args.rule), norm_factor=args.norm_factor, min_cosine=args.min_cosine)
+    if rule.is_default:
+        raise SystemExit("the robust run needs --rule median|trimmed-mean, --norm-factor or --min-cosine")
+    label = "+".join(f"{k}={v}" if k != "rule" else str(v) for k, v in rule.to_dict().items())
     base = _base(args)
     variants = [Variant("clean, mean", base)]
     if not args.skip_clean_robust:
-        variants.append(Variant(f"clean, {args.rule}", replace(base, robust=rule)))
+        variants.append(Variant(f"clean, {label}", replace(base, robust=rule)))
+    # the floor: the federation without the attacker, the best any rule that refuses it can give
+    floor = "absent (no upload), mean"
+    variants.append(Variant(floor, replace(base, attack=Attack(kind=AttackKind.ABSENT, site=args.site))))
     kinds = [AttackKind(k) for k in args.attacks.split(",")]
     for kind in kinds:
         attack = Attack(kind=kind, site=args.site)
         if not args.robust_only:
             variants.append(Variant(f"{kind.value}, mean", replace(base, attack=attack)))
-        variants.append(Variant(f"{kind.value}, {args.rule}", replace(base, attack=attack, robust=rule)))
+        variants.append(Variant(f"{kind.value}, {label}", replace(base, attack=attack, robust=rule)))
     results = run_all(variants, seeds, args.site)
     print(f"\nsite {args.site} attacks; honest sites only; mean ± std over seeds {','.join(map(str, seeds))}")
     rows = report(results, seeds)
     clean = rows["clean, mean"]["tasks"]
     worst = (0.0, "")
     for kind in kinds:
-        for rule_name in (args.rule,) if args.robust_only else ("mean", args.rule):
-            gap = max(abs(rows[f"{kind.value}, {rule_name}"]["tasks"][t][0] - clean[t][0]) for t in clean)
-            print(f"largest per-task gap to clean mean, {kind.value}, {rule_name}: {gap:.2f} points")
-            if rule_name == args.rule:
+        for rule_name in (label,) if args.robust_only else ("mean", label):
+            cells = rows[f"{kind.value}, {rule_name}"]["tasks"]
+            gap = max(abs(cells[t][0] - clean[t][0]) for t in clean)
+            to_floor = max(abs(cells[t][0] - rows[floor]["tasks"][t][0]) for t in clean)
+            print(
+                f"largest per-task gap to clean mean, {kind.value}, {rule_name}: {gap:.2f} points "
+                f"(to the federation without the attacker: {to_floor:.2f})"
+            )
+            if rule_name == label:
                 worst = max(worst, (gap, kind.value))
     _save(args.out / "attacks.json", rows)
     print(f"worst_robust_gap={worst[0]:.2f} attack={worst[1]}")
@@ -188,7 +202,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["attacks", "dp"], default="attacks")
     parser.add_argument("--seeds", default="0,1,2,3,4")
-    parser.add_argument("--rule", default="median", choices=["median", "trimmed-mean"])
+    parser.add_argument("--rule", default="median", choices=[r.value for r in RobustRule])
+    parser.add_argument("--norm-factor", type=float, help="the robust run's norm screen (x the median norm)")
+    parser.add_argument("--min-cosine", type=float, help="the robust run's direction screen (cosine threshold)")
     parser.add_argument("--attacks", default="scale,sign-flip,shuffled-labels")
     parser.add_argument("--site", default="cls10-0")
     parser.add_argument("--noise", default="0.3,1,3")

@@ -177,7 +177,15 @@ def _pilot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("--trim", type=float, help="share cut at each end by trimmed-mean (default 0.2)")
     p.add_argument(
-        "--norm-factor", type=float, help="refuse a site whose update norm is above this x its group's median"
+        "--norm-factor",
+        type=float,
+        help="refuse a site whose update norm is above this x its group's median (all sites' when the group has < 3)",
+    )
+    p.add_argument(
+        "--min-cosine",
+        type=float,
+        help="refuse a site whose encoder update has a cosine below this to the other sites' median update "
+        "(e.g. 0: a sign-flipped update; FederationRound spec.aggregation.minCosine)",
     )
     p.add_argument(
         "--dp-noise",
@@ -197,7 +205,8 @@ def _pilot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--attack",
         choices=[a.value for a in AttackKind],
         help="one site misbehaves: sign-flip or scale (x100) its encoder delta, or train on shuffled labels; "
-        "its own scores are left out of the table (needs --attack-site)",
+        "or is absent (never uploads: the floor for a rule that refuses it); its own scores are left out "
+        "of the table (needs --attack-site)",
     )
     p.add_argument("--attack-site", help="the misbehaving site, e.g. cls10-0")
     p.add_argument("--out", type=Path, default=Path("runs/pilot"), help="output directory (default runs/pilot)")
@@ -257,12 +266,13 @@ def config_from_args(args: argparse.Namespace) -> PilotConfig:
         overrides["shared_steps"] = args.shared_steps
     if args.cagrad_c is not None:
         overrides["cagrad_c"] = args.cagrad_c
-    if args.rule or args.trim is not None or args.norm_factor is not None:
+    if args.rule or args.trim is not None or args.norm_factor is not None or args.min_cosine is not None:
         defaults = RobustSettings()
         overrides["robust"] = RobustSettings(
             rule=RobustRule(args.rule) if args.rule else defaults.rule,
             trim=defaults.trim if args.trim is None else args.trim,
             norm_factor=args.norm_factor,
+            min_cosine=args.min_cosine,
         )
     if (args.dp_noise is None) != (args.clip is None):
         raise PilotConfigError("--dp-noise and --clip go together: the noise is calibrated to the clip norm")

@@ -34,7 +34,7 @@ from mfed.aggregation.linear import Candidate, aggregate_linear, screen_manifest
 from mfed.aggregation.ownership import SHARED_TRACK, dual_keys, owner_of
 from mfed.aggregation.private_round import combine_private, site_norms
 from mfed.aggregation.robust import RobustSettings
-from mfed.aggregation.robust_round import SiteTensors, combine_round, read_valid, screen_norms
+from mfed.aggregation.robust_round import SiteTensors, combine_round, read_valid, screen_directions, screen_norms
 from mfed.aggregation.streaming import (
     PARALLEL_READS,
     RangedContribution,
@@ -46,6 +46,7 @@ from mfed.aggregation.streaming import (
 )
 from mfed.aggregation.validate import (
     ContributionRejected,
+    NothingAccepted,
     RejectReason,
     ValidContribution,
     check_manifest,
@@ -236,7 +237,7 @@ class RoundAggregator:
 
     def finish(self) -> AggregationResult:
         if not self._groups:
-            raise ValueError("no contribution was accepted; there is nothing to aggregate")
+            raise NothingAccepted(self._rejected)
         tasks = sorted(self._groups)
         updates = []
         task_means: dict[str, dict[str, np.ndarray]] = {}
@@ -393,7 +394,10 @@ def aggregate(
     if settings.level2_rule is not Level2Rule.MEAN or base.sharing.task_level:
         return _aggregate_by_group(base, base_tensors, round_number, kept, rejected, settings)
     candidates = [Candidate(site=site, manifest=m, read_files=s.read_files) for site, m, s in kept]
-    outcome = aggregate_linear(base, base_tensors, round_number, candidates, settings.level2_weighting)
+    try:
+        outcome = aggregate_linear(base, base_tensors, round_number, candidates, settings.level2_weighting)
+    except NothingAccepted as exc:
+        raise NothingAccepted([*rejected, *exc.rejected]) from None
     rejected += outcome.rejected
     model_bytes = encode_tensors(outcome.tensors)
     manifest = build_global_manifest(
@@ -406,14 +410,15 @@ def _validate_ranged(
     base_tensors: Mapping[str, np.ndarray],
     kept: list[tuple[str, ContributionManifest, ContributionSource]],
     pool: ThreadPoolExecutor,
+    rejected: Sequence[Rejection],
 ) -> tuple[ReadPlan, list[RangedContribution], list[Rejection]]:
     """Every ranged source checked by streaming.validate_all, with the round's read plan; raises
-    ValueError when none passes."""
+    NothingAccepted (with `rejected` and its own refusals) when none passes."""
     opened = [(m, s.open_files) for _site, m, s in kept if s.open_files is not None]
     plan = ReadPlan.for_round(sum(int(v.size) * 4 for v in base_tensors.values()), len(opened))
     accepted, refused = validate_all(base_tensors, opened, pool, plan.scan_workers)
     if not accepted:
-        raise ValueError("no contribution was accepted; there is nothing to aggregate")
+        raise NothingAccepted([*rejected, *refused])
     return plan, accepted, refused
 
 
@@ -429,7 +434,7 @@ def _aggregate_streamed(
     # The pool only waits on reads (S3 round trips): the arithmetic stays in this thread, in
     # the same order as without it.
     with ThreadPoolExecutor(max_workers=PARALLEL_READS, thread_name_prefix="mfed-read") as pool:
-        plan, accepted, refused = _validate_ranged(base_tensors, kept, pool)
+        plan, accepted, refused = _validate_ranged(base_tensors, kept, pool, rejected)
         rejected = rejected + refused
         if all(c.in_memory for c in accepted):  # nothing to wait for: no threads, no read-ahead
             round_ = StreamedRound(base_tensors, accepted)
@@ -469,7 +474,7 @@ def _aggregate_per_key(
         raise ValueError(f"{what} do not support task-level copies of the shared encoder")
     if all(s.open_files is not None for _, _, s in kept):
         with ThreadPoolExecutor(max_workers=PARALLEL_READS, thread_name_prefix="mfed-read") as pool:
-            plan, ranged, refused = _validate_ranged(base_tensors, kept, pool)
+            plan, ranged, refused = _validate_ranged(base_tensors, kept, pool, rejected)
         rejected = rejected + refused
         reads = StreamedRound(base_tensors, ranged, None, plan)  # files through a read-ahead block
         return _combine_per_key(base, base_tensors, round_number, reads.contributions, rejected, settings, rng)
@@ -486,9 +491,14 @@ def _combine_per_key(
     settings: AggregationSettings,
     rng: np.random.Generator,
 ) -> AggregationResult:
-    if settings.robust.norm_factor is not None:
+    if settings.robust.norm_factor is not None and contributions:
         contributions, outliers = screen_norms(contributions, settings.robust.norm_factor, base_tensors)
         rejected = rejected + outliers
+    if settings.robust.min_cosine is not None:
+        contributions, outliers = screen_directions(contributions, settings.robust.min_cosine, base_tensors)
+        rejected = rejected + outliers
+    if not contributions:  # every site invalid, or refused by a screen: the status says which and why
+        raise NothingAccepted(rejected)
     weighting = settings.level2_weighting
     clipping: dict[str, float] | None = None
     privacy = settings.privacy

@@ -27,6 +27,7 @@ from mfed.aggregation.crosstask import GroupUpdate, Level2Weighting, group_weigh
 from mfed.aggregation.ownership import owner_of
 from mfed.aggregation.validate import (
     ContributionRejected,
+    NothingAccepted,
     RejectReason,
     ValidContribution,
     check_manifest,
@@ -125,7 +126,7 @@ def aggregate_linear(
     remaining = sorted(candidates, key=lambda c: c.site)
     while True:
         if not remaining:
-            raise ValueError("no contribution was accepted; there is nothing to aggregate")
+            raise NothingAccepted(rejected)
         coefficients, level2 = plan_coefficients([c.manifest for c in remaining], weighting)
         accumulator = LinearAccumulator(base_tensors, level2)
         accepted: list[ContributionManifest] = []

@@ -22,7 +22,16 @@ import numpy as np
 
 from mfed.aggregation.crosstask import GroupUpdate, Level2Weighting, group_weights
 from mfed.aggregation.ownership import owner_of
-from mfed.aggregation.robust import RobustRule, RobustSettings, combine, l2_norm_of, norm_outliers
+from mfed.aggregation.robust import (
+    RobustRule,
+    RobustSettings,
+    combine,
+    cosine,
+    direction_outliers,
+    l2_norm_of,
+    leave_one_out_medians,
+    norm_outliers,
+)
 from mfed.aggregation.streaming import OutputModel
 from mfed.aggregation.validate import ContributionRejected, RejectReason, ValidContribution, check_tensors
 from mfed.artifacts.manifest import ContributionManifest, GlobalManifest, Rejection
@@ -65,16 +74,63 @@ def delta_norm(c: SiteTensors, base_tensors: Mapping[str, np.ndarray]) -> float:
 def screen_norms(
     contributions: Sequence[C], factor: float, base_tensors: Mapping[str, np.ndarray]
 ) -> tuple[list[C], list[Rejection]]:
-    """Refuse deltas whose encoder-update norm is far above their task group's median."""
-    by_task: dict[str, dict[str, float]] = {}
-    for c in contributions:
-        by_task.setdefault(c.manifest.task, {})[c.manifest.site] = delta_norm(c, base_tensors)
+    """Refuse deltas whose encoder-update norm is far above the median of their task group; a
+    group of fewer than 3 sites cannot judge its own (of two, the median is their mean), so its
+    sites are judged against every site of the round."""
+    norms = {c.manifest.site: delta_norm(c, base_tensors) for c in contributions}
+    groups, _tasks = by_task(contributions)
     refused: dict[str, str] = {}
-    for norms in by_task.values():
-        refused.update(norm_outliers(norms, factor))
+    everyone = norm_outliers(norms, factor, scope=f"all {len(norms)} sites of the round")
+    for members in groups.values():
+        sites = [c.manifest.site for c in members]
+        if len(sites) >= 3:
+            refused.update(norm_outliers({s: norms[s] for s in sites}, factor))
+        else:
+            refused.update({s: everyone[s] for s in sites if s in everyone})
+    return _split(contributions, refused, RejectReason.NORM_OUTLIER)
+
+
+def shared_encoder_keys(base_tensors: Mapping[str, np.ndarray]) -> list[str]:
+    """The encoder keys every task shares (the cross-task average's), sorted."""
+    return [k for k in sorted(base_tensors) if owner_of(k).task is None and owner_of(k).part == "encoder"]
+
+
+def direction_cosines(contributions: Sequence[SiteTensors], base_tensors: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Each site's cosine between its shared-encoder delta and the coordinate-wise median of the
+    other sites' (all task groups: the shared encoder is one model), streamed slice by slice;
+    empty with fewer than 3 sites."""
+    n = len(contributions)
+    if n < 3:
+        return {}
+    dots, own, reference = np.zeros(n), np.zeros(n), np.zeros(n)
+    for key in shared_encoder_keys(base_tensors):
+        # the stacked values, their order and ranks, and the n medians: about 4 copies of the slice
+        for start, stop in slices(base_tensors[key].size, 4 * n):
+            stacked = np.stack([c.read_flat(key, start, stop).astype(np.float64) for c in contributions])
+            medians = leave_one_out_medians(stacked)
+            dots += np.einsum("ij,ij->i", stacked, medians)
+            own += np.einsum("ij,ij->i", stacked, stacked)
+            reference += np.einsum("ij,ij->i", medians, medians)
+    return {
+        c.manifest.site: cosine(float(d), float(np.sqrt(a)), float(np.sqrt(b)))
+        for c, d, a, b in zip(contributions, dots, own, reference, strict=True)
+    }
+
+
+def screen_directions(
+    contributions: Sequence[C], min_cosine: float, base_tensors: Mapping[str, np.ndarray]
+) -> tuple[list[C], list[Rejection]]:
+    """Refuse deltas pointing away from the other sites' median delta (a sign flip, a site
+    trained toward another objective); nothing is judged with fewer than 3 sites."""
+    refused = direction_outliers(direction_cosines(contributions, base_tensors), min_cosine)
+    return _split(contributions, refused, RejectReason.DIRECTION_OUTLIER)
+
+
+def _split(
+    contributions: Sequence[C], refused: Mapping[str, str], reason: RejectReason
+) -> tuple[list[C], list[Rejection]]:
     kept = [c for c in contributions if c.manifest.site not in refused]
-    rejected = [Rejection(site=s, reason=RejectReason.NORM_OUTLIER.value, detail=d) for s, d in sorted(refused.items())]
-    return kept, rejected
+    return kept, [Rejection(site=s, reason=reason.value, detail=d) for s, d in sorted(refused.items())]
 
 
 def by_task(contributions: Sequence[C]) -> tuple[dict[str, list[C]], list[str]]:

@@ -6,14 +6,14 @@ operator puts it in the round's status) and carries on with the other sites.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
 
 from mfed.aggregation.ownership import SHARED_TRACK, contribution_view
-from mfed.artifacts.manifest import ContributionManifest, GlobalManifest
+from mfed.artifacts.manifest import ContributionManifest, GlobalManifest, Rejection
 from mfed.artifacts.signature import Signature, SignatureMismatch
 from mfed.artifacts.tensorfile import (
     StoredDtype,
@@ -40,6 +40,16 @@ class RejectReason(StrEnum):
     NON_FINITE = "NonFiniteValues"
     BAD_MIX = "BadStartMix"
     NORM_OUTLIER = "NormOutlier"  # well-formed, but its norm is far above its group's median (robust.py)
+    DIRECTION_OUTLIER = "DirectionOutlier"  # well-formed, but pointing away from the other sites' median
+
+
+class NothingAccepted(ValueError):
+    """No contribution is left to aggregate; `rejected` says what happened to each site, so the
+    round's status can show it (a screen that refused every site, every upload malformed)."""
+
+    def __init__(self, rejected: Sequence[Rejection]) -> None:
+        super().__init__("no contribution was accepted; there is nothing to aggregate")
+        self.rejected = tuple(rejected)
 
 
 class ContributionRejected(Exception):

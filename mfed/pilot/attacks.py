@@ -2,8 +2,10 @@
 
 `sign-flip` and `scale` rewrite the encoder delta the site uploads (-d and 100 d) after it has
 trained honestly; `shuffled-labels` trains it on a fixed random permutation of its training
-labels (a site with a broken labelling pipeline). The attacker's own scores are left out of the
-table: the question is what happens to everyone else.
+labels (a site with a broken labelling pipeline). `absent` is not an attack but its floor: the
+site trains and never uploads, so the run is the federation without it, the best any rule that
+refuses the attacker can give the others. The attacker's own scores are left out of the table:
+the question is what happens to everyone else.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class AttackKind(StrEnum):
     SIGN_FLIP = "sign-flip"
     SCALE = "scale"
     SHUFFLED_LABELS = "shuffled-labels"
+    ABSENT = "absent"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,9 +43,14 @@ class Attack:
         order = np.random.default_rng(seed).permutation(len(data.train))
         return replace(data, train=Split(x=data.train.x, y=data.train.y[order]))
 
+    @property
+    def withholds(self) -> bool:
+        """The site's upload never reaches the aggregation."""
+        return self.kind is AttackKind.ABSENT
+
     def tamper(self, storage: Storage, prefix: str) -> None:
         """Rewrite the attacker's uploaded delta (and its manifest's digest of it) in place."""
-        if self.kind is AttackKind.SHUFFLED_LABELS:
+        if self.kind in (AttackKind.SHUFFLED_LABELS, AttackKind.ABSENT):
             return
         factor = -1.0 if self.kind is AttackKind.SIGN_FLIP else SCALE_FACTOR
         manifest = ContributionManifest.from_json(storage.read(join(prefix, MANIFEST_FILE)))

@@ -268,7 +268,7 @@ def _defence_line(config: Mapping[str, Any]) -> str:
     """What the federated methods aggregated under, and who attacked (docs/privacy.md)."""
     parts = []
     robust = config.get("robust") or {}
-    if robust.get("rule", "mean") != "mean" or "normFactor" in robust:
+    if robust.get("rule", "mean") != "mean" or "normFactor" in robust or "minCosine" in robust:
         parts.append("rule " + ", ".join(f"{k}={v}" for k, v in robust.items()))
     privacy = config.get("privacy")
     if privacy:
@@ -283,7 +283,8 @@ def _defence_line(config: Mapping[str, Any]) -> str:
         )
     attack = config.get("attack")
     if attack:
-        parts.append(f"site {attack['site']} attacks ({attack['kind']}): its own scores are left out")
+        what = "never uploads (absent)" if attack["kind"] == "absent" else f"attacks ({attack['kind']})"
+        parts.append(f"site {attack['site']} {what}: its own scores are left out")
     return ("\n" + "; ".join(parts)) if parts else ""
 
 

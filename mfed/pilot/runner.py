@@ -192,18 +192,21 @@ class Federation:
     def aggregate(self, round_number: int) -> None:
         """Aggregate the sites' contributions of `round_number` into the next global model."""
         base = read_global_model(self.storage, self.spec(self.sites[0], round_number).global_model)
+        attack = self.config.attack
+        withheld = attack.site if attack is not None and attack.withholds and self.plan.federated else None
         aggregated = aggregate(
             base.manifest,
             base.tensors,
             round_number,
-            [self._source(s, round_number) for s in self.sites],
+            [self._source(s, round_number) for s in self.sites if s.name != withheld],
             self.plan.aggregation,
             # A pilot is a simulation: its DP noise is seeded so a seed gives the same numbers; a
             # deployment's operator draws it from OS entropy (docs/privacy.md).
             noise_rng=np.random.default_rng(derive_seed(self.seed, f"dp-noise-{round_number}")),
         )
-        # A norm screen (--norm-factor) refusing an outlier is the rule working; anything else is a bug.
-        refused = [r for r in aggregated.manifest.rejected if r.reason != RejectReason.NORM_OUTLIER.value]
+        # A screen (--norm-factor, --min-cosine) refusing an outlier is the rule working; anything else is a bug.
+        screened = {RejectReason.NORM_OUTLIER.value, RejectReason.DIRECTION_OUTLIER.value}
+        refused = [r for r in aggregated.manifest.rejected if r.reason not in screened]
         if refused:
             raise RuntimeError(f"pilot contribution rejected: {refused[0]}")
         write_global_model(

@@ -105,3 +105,29 @@ def test_one_scaled_site_is_screened_out_or_outvoted_by_the_median(cluster: Clus
     off_median = float(np.abs(model[key] - honest[key]).max())
     off_mean = float(np.abs(plain[key] - honest[key]).max())
     assert off_mean > 10 * off_median, (off_mean, off_median)
+
+
+def test_a_sign_flipped_site_is_refused_by_the_direction_screen(cluster: Cluster) -> None:
+    """The screen compares each site with the median of every OTHER site's shared-encoder update
+    (all task groups), so it also works where a group has too few sites to outvote one.
+
+    What this does not check: a site whose update points the same way as everyone's but was
+    trained on wrong labels (its direction is honest; docs/results.md section 9)."""
+    cluster.secret()
+    _federation(cluster, "flip")
+
+    def attack(job: dict[str, Any], code: int) -> None:
+        site = job["metadata"]["labels"].get("mfed.dev/site", "")
+        if code == 0 and site == "flip-cls10-c":
+            prefix = f"s3://mfed/federations/flip/flip-round/sites/{site}"
+            _rewrite_delta(cluster, prefix, lambda t: {k: (-v).astype(np.float32) for k, v in t.items()})
+
+    cluster.kubelet.on_exit = attack
+    new_round(cluster, "flip-round", "flip", aggregation={"minCosine": 0, "minSites": 5, "deadlineSeconds": 300})
+    status = cluster.wait_phase("flip-round", "Succeeded", "Failed", timeout=240)
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    by_site = {s["site"]: s for s in status["sites"]}
+    assert (by_site["flip-cls10-c"]["phase"], by_site["flip-cls10-c"]["reason"]) == ("Rejected", "DirectionOutlier")
+    assert "cosine" in by_site["flip-cls10-c"]["message"]
+    assert sum(s["phase"] == "Accepted" for s in status["sites"]) == 5
+    check_global_model(cluster, status)  # the mean of the five it kept

@@ -137,6 +137,8 @@ CASES = [
     Case("robust rule added later", FR, _set("spec.aggregation.rule", "median"), "spec", "spec.aggregation.rule is immutable once the round exists", _unchanged),
     Case("trim changed", FR, _set("spec.aggregation.trim", 0.3), "spec", "spec.aggregation.trim is immutable", _set("spec.aggregation.trim", 0.2)),
     Case("norm screen dropped", FR, _unchanged, "spec", "spec.aggregation.normFactor is immutable", _set("spec.aggregation.normFactor", 3)),
+    Case("direction screen loosened", FR, _set("spec.aggregation.minCosine", -0.5), "spec", "spec.aggregation.minCosine is immutable", _set("spec.aggregation.minCosine", 0)),
+    Case("a cosine of 1", FR, _set("spec.aggregation.minCosine", 1), "spec.aggregation.minCosine", "greater than or equal to the maximum of 1"),
     Case("privacy loosened mid-round", FR, _set("spec.privacy", {"clipNorm": 1.0, "noiseMultiplier": 0.5}), "spec", "spec.privacy is immutable once the round exists", _set("spec.privacy", {"clipNorm": 1.0, "noiseMultiplier": 1.0})),
     Case("privacy without noise", FR, _set("spec.privacy", {"clipNorm": 1.0, "noiseMultiplier": 0}), "spec.privacy.noiseMultiplier", "less than or equal to the minimum of 0"),
     Case("privacy without a clip norm", FR, _set("spec.privacy", {"noiseMultiplier": 1.0}), "spec.privacy", "'clipNorm' is a required property"),

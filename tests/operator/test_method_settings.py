@@ -125,11 +125,11 @@ def test_min_steps_is_a_training_setting_every_method_honours(method: str) -> No
 
 def test_privacy_and_robust_fields_reach_the_aggregator() -> None:
     r = round_view(
-        aggregation={"rule": "trimmed-mean", "trim": 0.3, "normFactor": 4},
+        aggregation={"rule": "trimmed-mean", "trim": 0.3, "normFactor": 4, "minCosine": 0},
         privacy=None,
     )
     settings = aggregation_settings(r)
-    assert settings.robust.to_dict() == {"rule": "trimmed-mean", "trim": 0.3, "normFactor": 4.0}
+    assert settings.robust.to_dict() == {"rule": "trimmed-mean", "trim": 0.3, "normFactor": 4.0, "minCosine": 0.0}
     private = aggregation_settings(
         round_view(privacy={"clipNorm": 0.5, "noiseMultiplier": 1.2, "epsilonBudget": 8})
     ).privacy
@@ -173,6 +173,7 @@ def test_a_method_that_cannot_take_privacy_or_a_robust_rule_fails_naming_the_fie
         ({"aggregation": {"rule": "median", "trim": 0.1}}, "spec.aggregation.trim"),
         ({"aggregation": {"rule": "trimmed-mean", "trim": 0.5}}, "spec.aggregation.trim"),
         ({"aggregation": {"normFactor": 0.5}}, "spec.aggregation.normFactor"),
+        ({"aggregation": {"minCosine": -1}}, "spec.aggregation.minCosine"),
     ],
 )
 def test_invalid_privacy_and_robust_fields_name_the_field(spec: dict[str, Any], field: str) -> None:

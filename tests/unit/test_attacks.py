@@ -127,3 +127,35 @@ def test_a_private_pilot_gives_the_same_numbers_for_the_same_seed_and_the_attack
         results.pop("seconds"), results.pop("table")
     assert one == two
     assert one["methods"]["mfed"]["site_steps"] == {"0": {"cls10-0": 6, "denoise-0": 6, "denoise-1": 6}}
+
+
+def test_an_absent_site_trains_but_never_reaches_the_aggregation(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from mfed.pilot import run_pilot, runner
+
+    seen: list[list[str]] = []
+    real = runner.aggregate
+
+    def spy(base, tensors, round_number, sources, settings, **kwargs):
+        seen.append(sorted(s.site for s in sources))
+        return real(base, tensors, round_number, sources, settings, **kwargs)
+
+    monkeypatch.setattr(runner, "aggregate", spy)
+    config = replace(
+        PilotConfig(),
+        rounds=2,
+        steps=4,
+        sites_per_task=2,
+        samples_per_site=48,
+        test_samples=64,
+        tasks=("cls10", "denoise"),
+        methods=(Method.LOCAL, Method.MFED),
+        attack=Attack(kind=AttackKind.ABSENT, site="cls10-1"),
+    )
+    results = run_pilot(config, tmp_path, show_progress=False, workers=0)
+    federated = [sites for sites in seen if len(sites) > 1]
+    assert federated == [["cls10-0", "denoise-0", "denoise-1"]] * 2  # M-Fed, both rounds
+    assert ["cls10-1"] in seen  # Local: its own federation of one still aggregates
+    assert results["methods"]["mfed"]["site_steps"]["0"]["cls10-0"] == 4
+    assert "cls10-1 never uploads (absent)" in results["table"]

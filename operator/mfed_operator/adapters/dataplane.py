@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mfed.aggregation.fedavg import ContributionSource, RoundAggregator, aggregate
-from mfed.aggregation.validate import ContributionRejected, RejectReason
+from mfed.aggregation.validate import ContributionRejected, NothingAccepted, RejectReason
 from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, MANIFEST_FILE, MODEL_FILE, join
 from mfed.artifacts.manifest import ContributionManifest, ManifestError
 from mfed.artifacts.ranged import ByteRange, BytesRange
@@ -262,8 +262,9 @@ def aggregate_round(
         result = aggregate(
             base.manifest, base.tensors, action.round_number, [source(s) for s in action.sites], action.settings
         )
-    except ValueError as exc:  # nothing accepted
-        return AggregationImpossible(reason="NoValidContribution", message=str(exc))
+    except NothingAccepted as exc:  # every site refused: each one's reason goes to its status
+        rejected = tuple((r.site, r.reason, r.detail) for r in exc.rejected)
+        return AggregationImpossible(reason="NoValidContribution", message=str(exc), rejected=rejected)
     rejected = tuple((r.site, r.reason, r.detail) for r in result.manifest.rejected)
     contributors = tuple(c.site for c in result.manifest.contributors)
     if len(contributors) < action.min_sites:

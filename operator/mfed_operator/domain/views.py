@@ -298,7 +298,7 @@ class RoundView:
     follow_up_rounds: int
     digest: str  # of everything that must not change mid-round
     baselines: tuple[str, ...] = ()  # spec.evaluation.baselines: what every site also trains alone
-    robust: RobustSettings = RobustSettings()  # spec.aggregation.rule / trim / normFactor
+    robust: RobustSettings = RobustSettings()  # spec.aggregation.rule / trim / normFactor / minCosine
     privacy: PrivacySettings | None = None  # spec.privacy
 
     @property
@@ -320,7 +320,7 @@ def _sharing(f: Fields) -> SharingPolicy:
 
 MUTABLE_SPEC_FIELDS = ("aggregation", "followUpRounds")
 # Aggregation fields that decide the model (not when it is made) are fixed once a round starts.
-LEVEL2_RULE_FIELDS = ("level2Rule", "cagradC", "gateThreshold", "rule", "trim", "normFactor")
+LEVEL2_RULE_FIELDS = ("level2Rule", "cagradC", "gateThreshold", "rule", "trim", "normFactor", "minCosine")
 
 
 def spec_digest(spec: Mapping[str, Any]) -> str:
@@ -454,10 +454,14 @@ def _robust(f: Fields) -> RobustSettings:
         raise FieldError(f"{f.path}.trim", f"is the share cut at each end and must be below 0.5, got {trim}")
     if trim is not None and rule != RobustRule.TRIMMED_MEAN.value:
         raise FieldError(f"{f.path}.trim", "applies to rule: trimmed-mean only; set the rule or drop trim")
+    min_cosine = _opt_float(f, "minCosine")
+    if min_cosine is not None and not -1 < min_cosine < 1:
+        raise FieldError(f"{f.path}.minCosine", f"is a cosine and must be strictly between -1 and 1, got {min_cosine}")
     return RobustSettings(
         rule=RobustRule(rule) if rule else defaults.rule,
         trim=defaults.trim if trim is None else trim,
         norm_factor=_opt_float(f, "normFactor", minimum=1),
+        min_cosine=min_cosine,
     )
 
 

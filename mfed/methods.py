@@ -33,6 +33,9 @@ class Method(StrEnum):
     MIX = "mix"  # M-Fed where each site mixes shared and task-level encoder, chosen on validation
     FALLBACK = "fallback"  # M-Fed where each site trains both and deploys the better on validation
     AUTO = "auto"  # the recommended composition: fallback + conflict-averse level 2 + min steps
+    # The pilot's ceiling: one multi-task model on every site's data pooled (mfed.pilot.centralized).
+    # It moves data, so no FederationRound can ask for it.
+    CENTRALIZED = "centralized"
 
     @classmethod
     def parse(cls, text: str) -> Method:
@@ -109,8 +112,9 @@ def plan_method(
     Task-FedAvg), the shared track capped at AUTO_MIN_STEPS steps a round, without the decoder
     regulariser (docs/strategies.md)."""
     none = SharingPolicy(mode=SharingMode.NONE)
-    if method is Method.LOCAL:
-        # Each site is its own one-site federation: aggregation returns its own model.
+    if method in (Method.LOCAL, Method.CENTRALIZED):
+        # Local: each site is its own one-site federation, aggregation returns its own model.
+        # Centralized trains outside the federation machinery; it shares nothing that aggregates.
         return MethodPlan(
             method=method,
             federated=False,

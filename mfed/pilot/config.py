@@ -114,6 +114,11 @@ class PilotConfig:
             raise PilotConfigError(
                 f"--attack-site {self.attack.site!r} is not a pilot site; choose from {', '.join(self.site_names)}"
             )
+        if self.attack is not None and Method.CENTRALIZED in self.methods:
+            raise PilotConfigError(
+                "--attack with centralized: the pooled reference is the ceiling of a clean federation; "
+                "run it without --attack"
+            )
         if self.attack is not None and self.sites_per_task < 2:
             raise PilotConfigError(
                 f"--attack-site {self.attack.site} would be the only site of its task, and its scores are left "

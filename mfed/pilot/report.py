@@ -22,6 +22,7 @@ METHOD_LABELS = {
     Method.MIX: "M-Fed + per-site mixing",
     Method.FALLBACK: "M-Fed + per-site fallback",
     Method.AUTO: "auto (recommended)",
+    Method.CENTRALIZED: "Centralized (pooled data; ceiling, not deployable)",
 }
 
 
@@ -154,6 +155,13 @@ def summarize(
             "per_round": _mean_curve(list(seeds.values())),
             "final_round": _final_round(seeds, local, higher_is_better),
         }
+    oracle = methods.get(Method.CENTRALIZED.value)
+    if oracle is not None:
+        for name, block in methods.items():
+            if name not in (Method.LOCAL.value, Method.CENTRALIZED.value):
+                block["share_of_oracle_gain"] = oracle_share(
+                    block["metrics"], methods[Method.LOCAL.value]["metrics"], oracle["metrics"], higher_is_better
+                )
     return {
         "config": dict(config),
         "tasks": {
@@ -162,6 +170,28 @@ def summarize(
         "seconds": seconds,
         "methods": methods,
     }
+
+
+# An oracle gain smaller than this (in the metric's units) leaves no gain to share.
+NO_ORACLE_GAIN = 1e-6
+
+
+def oracle_share(
+    method: Mapping[str, float],
+    local: Mapping[str, float],
+    oracle: Mapping[str, float],
+    higher_is_better: Mapping[str, bool],
+) -> dict[str, float | None]:
+    """Per task, (method - Local) / (oracle - Local) on the means over seeds: 1 = all the gain the
+    pooled model found, 0 = none, negative = below Local. None where the oracle did not beat Local
+    (no gain to share: the ratio would only mislead). The ratio reads the same for a metric where
+    lower is better (both differences flip sign together)."""
+    out: dict[str, float | None] = {}
+    for task in sorted(method):
+        gain = oracle[task] - local[task]
+        better = gain if higher_is_better[task] else -gain
+        out[task] = None if better < NO_ORACLE_GAIN else (method[task] - local[task]) / gain
+    return out
 
 
 def _final_round(
@@ -193,6 +223,21 @@ def _render(rows: list[list[str]]) -> list[str]:
     ]
     lines.insert(1, "-" * len(lines[0]))
     return lines
+
+
+def _oracle_lines(results: Mapping[str, Any], tasks: list[str]) -> list[str]:
+    """Each method's gain over Local as a share of the pooled model's, per task."""
+    shares = {m["label"]: m["share_of_oracle_gain"] for m in results["methods"].values() if "share_of_oracle_gain" in m}
+    if not shares:
+        return []
+    rows = [["share of the centralized gain", *tasks]]
+    for label, share in shares.items():
+        rows.append([label, *("n/a" if share[t] is None else f"{100 * share[t]:.0f}%" for t in tasks)])
+    note = (
+        "(method - Local) / (centralized - Local) per task, n/a where centralized is not above Local; "
+        "centralized pools every site's data: not deployable"
+    )
+    return ["", *_render(rows), note]
 
 
 def _final_round_lines(results: Mapping[str, Any], tasks: list[str]) -> list[str]:
@@ -232,6 +277,7 @@ def format_table(results: Mapping[str, Any]) -> str:
         rows.append(cells)
     lines = _render(rows)
     lines.append(_selection_line(results))
+    lines += _oracle_lines(results, tasks)
     for method in results["methods"].values():
         protection = method.get("protection") or {}
         if any("shared" in v for v in protection.values()):

@@ -39,6 +39,7 @@ from mfed.learning.tasks import build_task
 from mfed.methods import Method, MethodPlan
 from mfed.model_store import read_global_model, write_global_model
 from mfed.pilot.attacks import Attack
+from mfed.pilot.centralized import run_centralized
 from mfed.pilot.config import PilotConfig
 from mfed.pilot.records import CurvePoint, MethodRun, SiteSelection
 from mfed.rounds.initial import init_global_model
@@ -354,6 +355,17 @@ def _run_method(
 ) -> MethodRun:
     plan = plan_for(config, method)
     sites = pilot_sites(config, seed)
+    if method is Method.CENTRALIZED:
+        return run_centralized(
+            config,
+            seed,
+            data,
+            higher_is_better,
+            [(s.name, s.task.name) for s in sites],
+            _select,
+            curve_checkpoints(config.rounds, config.rounds),
+            on_site_round,
+        )
     run = MethodRun(method=method, seed=seed)
     # Local: each site is a federation of one; all of them run their rounds side by side.
     groups = [[s] for s in sites] if not plan.federated else [sites]

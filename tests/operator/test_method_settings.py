@@ -79,6 +79,7 @@ def test_single_fields_override_the_method() -> None:
         ({"training": {"method": "auto", "minSteps": -2}}, "spec.training.minSteps"),
         ({"training": {"method": "auto", "sharedSteps": 0}}, "spec.training.sharedSteps"),
         ({"training": {"method": "local"}}, "spec.training.method"),
+        ({"training": {"method": "centralized"}}, "spec.training.method"),  # pools data: pilot only
     ],
 )
 def test_invalid_fields_are_rejected_naming_the_field(spec: dict[str, Any], field: str) -> None:

@@ -352,10 +352,10 @@ def parse_round(body: Mapping[str, Any]) -> RoundView:
             method = Method.parse(training_f.str("method", "m-fed"))
         except ValueError as exc:
             raise FieldError("spec.training.method", str(exc)) from None
-        if method is Method.LOCAL:
+        if method in (Method.LOCAL, Method.CENTRALIZED):
             raise FieldError(
                 "spec.training.method",
-                "local is a pilot baseline; use m-fed, task-fedavg, encoder-fedavg or a cross-task strategy "
+                f"{method.value} is a pilot baseline (centralized pools every site's data); use m-fed, task-fedavg, encoder-fedavg or a cross-task strategy "
                 "(cagrad, gated, mix, fallback, auto)",
             )
         aggregation = spec.obj("aggregation", required=False)

@@ -271,6 +271,7 @@ class TrainingSpec:
 class DataSource(StrEnum):
     FASHION_MNIST = "fashion-mnist"  # the built-in demo data set, sharded per site
     NPZ = "npz"  # a site's own data: arrays x (images) and y (labels/targets)
+    IMAGE_FOLDER = "image-folder"  # a directory of PNG/JPEG files: class sub-folders or an index
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -285,12 +286,26 @@ class DataSpec:
     samples: int | None = None  # take the first N images of the shard
     shard_seed: int = 0
     test_samples: int = 1000  # demo set: score on this many test images (0: none)
+    # image-folder: an index of file -> target (CSV/JSONL, relative to uri) instead of class
+    # sub-folders; what a bad record does (fail, or skip at most max_bad_records); decoders.
+    index: str | None = None
+    on_bad_record: str = "fail"
+    max_bad_records: int = 0
+    loader_workers: int = 2
 
     def __post_init__(self) -> None:
         if self.shard_count < 1 or not 0 <= self.shard_index < self.shard_count:
             raise SpecError("data.shard", f"index {self.shard_index} is not in [0, {self.shard_count})")
-        if self.source is DataSource.NPZ and not self.uri:
-            raise SpecError("data.uri", "is required for npz data: the path or s3:// URI of the file")
+        if self.source in (DataSource.NPZ, DataSource.IMAGE_FOLDER) and not self.uri:
+            raise SpecError("data.uri", f"is required for {self.source.value} data: where the site's data is")
+        if self.source is DataSource.IMAGE_FOLDER and self.uri and self.uri.startswith("s3://"):
+            raise SpecError("data.uri", "an image folder is read from a directory (a PVC); S3 takes .npz files")
+        if self.on_bad_record not in ("fail", "skip"):
+            raise SpecError("data.onBadRecord", f"is {self.on_bad_record!r}; use fail or skip")
+        if self.max_bad_records < 0 or self.loader_workers < 0:
+            raise SpecError("data.maxBadRecords", "and loaderWorkers must be 0 or more")
+        if self.index is not None and self.source is not DataSource.IMAGE_FOLDER:
+            raise SpecError("data.index", "applies to image-folder data only")
 
     @classmethod
     def parse(cls, f: Fields) -> DataSpec:
@@ -304,6 +319,10 @@ class DataSpec:
                 "samples",
                 "shardSeed",
                 "testSamples",
+                "index",
+                "onBadRecord",
+                "maxBadRecords",
+                "loaderWorkers",
             ]
         )
         return cls(
@@ -315,6 +334,10 @@ class DataSpec:
             samples=f.opt_int("samples", minimum=1),
             shard_seed=f.int("shardSeed", 0),
             test_samples=f.int("testSamples", 1000, minimum=0),
+            index=f.opt_str("index"),
+            on_bad_record=f.str("onBadRecord", "fail", choices=["fail", "skip"]),
+            max_bad_records=f.int("maxBadRecords", 0, minimum=0),
+            loader_workers=f.int("loaderWorkers", 2, minimum=0),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -327,6 +350,18 @@ class DataSpec:
             "samples": self.samples,
             "shardSeed": self.shard_seed,
             "testSamples": self.test_samples,
+            # only for image folders: a Job for other data reads exactly as before (older trainers
+            # refuse keys they do not know)
+            **(
+                {
+                    "index": self.index,
+                    "onBadRecord": self.on_bad_record,
+                    "maxBadRecords": self.max_bad_records,
+                    "loaderWorkers": self.loader_workers,
+                }
+                if self.source is DataSource.IMAGE_FOLDER
+                else {}
+            ),
         }
 
 

@@ -16,14 +16,19 @@ import gzip
 import io
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from mfed.spec import DataSource, DataSpec
+
+if TYPE_CHECKING:
+    from mfed.learning.image_folder import ImageFolderSplit
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_DIR_ENV = "MFED_FASHION_MNIST_DIR"
@@ -48,12 +53,33 @@ class Split:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.x.shape[1:])
+
+    @property
+    def example_dtype(self) -> str:
+        return str(self.x.dtype)
+
+    def batches(
+        self, indices: Sequence[torch.Tensor], pin: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(inputs, targets) of each list of indices, in order (the trainer's batch source);
+        `pin`: page-locked, for asynchronous copies to a GPU."""
+        x_all, y_all = torch.from_numpy(self.x), torch.from_numpy(self.y)
+        if pin:
+            x_all, y_all = x_all.pin_memory(), y_all.pin_memory()
+        for index in indices:
+            yield x_all[index], y_all[index]
+
 
 @dataclass(frozen=True)
 class SiteData:
-    train: Split
-    val: Split
-    test: Split | None
+    """A site's splits: arrays in memory (Split), or files decoded batch by batch (image-folder)."""
+
+    train: Split | ImageFolderSplit
+    val: Split | ImageFolderSplit
+    test: Split | ImageFolderSplit | None
 
 
 def read_idx(data: bytes) -> np.ndarray:
@@ -166,8 +192,25 @@ def load_npz(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def load_site_data(spec: DataSpec, *, val_fraction: float, split_seed: int, read: ReadBytes) -> SiteData:
-    """Build a site's train/val/test splits. `read` fetches npz bytes from a path or s3:// URI."""
+def load_site_data(
+    spec: DataSpec,
+    *,
+    val_fraction: float,
+    split_seed: int,
+    read: ReadBytes,
+    example_shape: tuple[int, ...] | None = None,
+    classes: int | None = None,
+) -> SiteData:
+    """Build a site's train/val/test splits. `read` fetches npz bytes from a path or s3:// URI;
+    an image folder needs the encoder's `example_shape` (C, H, W) and the task's `classes`
+    (None: targets are not classes) to check each file against."""
+    if spec.source is DataSource.IMAGE_FOLDER:
+        from mfed.learning.image_folder import load_image_folder
+
+        if example_shape is None or len(example_shape) != 3:
+            raise DataError(f"an image folder needs an encoder that consumes images (C, H, W), not {example_shape}")
+        c, h, w = example_shape
+        return load_image_folder(spec, (c, h, w), classes, val_fraction=val_fraction, split_seed=split_seed)
     if spec.source is DataSource.FASHION_MNIST:
         x_raw, y = fashion_mnist_shard(spec)
         test: Split | None = None
@@ -193,7 +236,7 @@ def check_inputs(data: SiteData, expected_shape: tuple[int, ...], expected_dtype
     for name, split in (("train", data.train), ("validation", data.val), ("test", data.test)):
         if split is None:
             continue
-        shape, dtype = tuple(int(d) for d in split.x.shape[1:]), str(split.x.dtype)
+        shape, dtype = split.example_shape, split.example_dtype
         if shape != tuple(expected_shape) or dtype != expected_dtype:
             raise DataError(
                 f"the site's {name} inputs are {dtype} of shape {shape} per example, but encoder {encoder!r} "

@@ -52,6 +52,11 @@ class Task(ABC):
     @abstractmethod
     def output(self) -> Output: ...
 
+    @property
+    def label_classes(self) -> int | None:
+        """How many label values a data set may hold (0..n-1), or None: the labels are not classes."""
+        return None
+
     @abstractmethod
     def train_pairs(
         self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
@@ -92,6 +97,10 @@ class Classification(Task):
     @property
     def output(self) -> Output:
         return VectorOutput(self.num_classes)
+
+    @property
+    def label_classes(self) -> int | None:
+        return self.num_classes
 
     def targets(self, y: torch.Tensor) -> torch.Tensor:
         return y.long()
@@ -137,6 +146,11 @@ class LabelMap(Classification):
         if self.num_classes < 2:
             raise TaskError("label_map must map to at least 2 classes")
         self._map = torch.tensor(label_map, dtype=torch.long)
+        self._labels_in = len(label_map)
+
+    @property
+    def label_classes(self) -> int | None:
+        return self._labels_in  # the labels mapped, not the classes they map to
 
     def targets(self, y: torch.Tensor) -> torch.Tensor:
         labels = y.long()

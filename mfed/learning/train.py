@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from mfed.learning.data import Split
+from mfed.learning.data import DataError, Split
+from mfed.learning.image_folder import ImageFolderSplit
 from mfed.learning.model import SiteModel
 from mfed.learning.tasks import Task
+from mfed.seeding import derive_seed
 from mfed.spec import Regularizer
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps total)
@@ -112,7 +114,7 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.
 def train_local(
     model: SiteModel,
     task: Task,
-    train: Split,
+    train: Split | ImageFolderSplit,
     *,
     epochs: int,
     batch_size: int,
@@ -130,31 +132,29 @@ def train_local(
     if objective.global_decoder is not None:
         objective.global_decoder.to(device).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    x_all = torch.from_numpy(train.x)
-    y_all = torch.from_numpy(train.y)
-    if device.type == "cuda":
-        x_all, y_all = x_all.pin_memory(), y_all.pin_memory()
     steps_per_epoch = -(-len(train) // batch_size)
     total_steps = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
     sums = {"task": torch.zeros((), device=device), "regularizer": torch.zeros((), device=device)}
     steps = examples = 0
     while steps < total_steps:
-        for index in _batches(len(train), batch_size, generator):
-            if steps >= total_steps:
-                break
-            inputs, targets = task.train_pairs(x_all[index], y_all[index], generator)
+        # the epoch's order is drawn before its batches' augmentations, whatever the source
+        epoch = _batches(len(train), batch_size, generator)[: total_steps - steps]
+        for x, y in train.batches(epoch, pin=device.type == "cuda"):
+            inputs, targets = task.train_pairs(x, y, generator)
             inputs = inputs.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             losses = compute_losses(model, task, inputs, targets, objective)
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()  # type: ignore[no-untyped-call]
             optimizer.step()
-            sums["task"] += losses["task"].detach() * len(index)
-            sums["regularizer"] += losses["regularizer"].detach() * len(index)
+            sums["task"] += losses["task"].detach() * len(x)
+            sums["regularizer"] += losses["regularizer"].detach() * len(x)
             steps += 1
-            examples += len(index)
+            examples += len(x)
             if progress is not None:
                 progress(steps, total_steps)
+        if steps == 0:
+            raise DataError("no training batch was left: every record of the epoch was bad")
     task_loss = float(sums["task"]) / max(examples, 1)
     reg_loss = float(sums["regularizer"]) / max(examples, 1)
     return TrainStats(
@@ -169,10 +169,24 @@ def train_local(
 
 @torch.no_grad()
 def evaluate(
-    model: SiteModel, task: Task, split: Split, *, device: torch.device, seed: int, batch_size: int = 500
+    model: SiteModel,
+    task: Task,
+    split: Split | ImageFolderSplit,
+    *,
+    device: torch.device,
+    seed: int,
+    batch_size: int = 500,
 ) -> float:
     """The task metric over a split (deterministic: eval transforms are seeded)."""
     model.to(device).eval()
+    if not isinstance(split, Split):  # decoded chunk by chunk, each chunk's transforms seeded
+        total, count = torch.zeros((), device=device), 0
+        chunks = [torch.arange(i, min(i + batch_size, len(split))) for i in range(0, len(split), batch_size)]
+        for number, (x, y) in enumerate(split.batches(chunks)):
+            inputs, targets = task.eval_pairs(x, y, derive_seed(seed, "chunk", number))
+            total += task.metric_sum(model(inputs.to(device)), targets.to(device))
+            count += len(x)
+        return float(total) / max(count, 1)
     x_all, y_all = torch.from_numpy(split.x), torch.from_numpy(split.y)
     inputs_all, targets_all = task.eval_pairs(x_all, y_all, seed)
     total = torch.zeros((), device=device)

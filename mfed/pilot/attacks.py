@@ -40,8 +40,11 @@ class Attack:
         """The attacker's training split with its labels permuted (validation and test untouched)."""
         if self.kind is not AttackKind.SHUFFLED_LABELS:
             return data
-        order = np.random.default_rng(seed).permutation(len(data.train))
-        return replace(data, train=Split(x=data.train.x, y=data.train.y[order]))
+        train = data.train
+        if not isinstance(train, Split):
+            raise ValueError("shuffled labels are simulated on data held in memory (the pilot's)")
+        order = np.random.default_rng(seed).permutation(len(train))
+        return replace(data, train=Split(x=train.x, y=train.y[order]))
 
     @property
     def withholds(self) -> bool:

@@ -48,7 +48,10 @@ def pool_by_task(sites: Sequence[tuple[str, str]], data: Mapping[str, SiteData])
     """(site, task) in order -> each task's training splits concatenated (site order kept)."""
     parts: dict[str, list[Split]] = {}
     for site, task in sites:
-        parts.setdefault(task, []).append(data[site].train)
+        train = data[site].train
+        if not isinstance(train, Split):
+            raise ValueError(f"site {site}: the centralized reference pools data held in memory (the pilot's)")
+        parts.setdefault(task, []).append(train)
     return {
         task: Split(x=np.concatenate([p.x for p in splits]), y=np.concatenate([p.y for p in splits]))
         for task, splits in parts.items()

@@ -36,6 +36,7 @@ from mfed.artifacts.tensorfile import (
 )
 from mfed.learning.data import DataError, SiteData, Split, check_inputs, load_site_data
 from mfed.learning.encoders import ArchError
+from mfed.learning.image_folder import ImageFolderSplit
 from mfed.learning.model import SiteModel, build_site_model, load_part, part_state, signature
 from mfed.learning.protection import prefers_shared
 from mfed.learning.shapes import ShapeError
@@ -54,7 +55,7 @@ from mfed.model_store import GlobalModelError, read_global_manifest, read_global
 from mfed.rounds.baseline import BaselineStateMissing, train_and_store_local
 from mfed.rounds.start import StartError, StartState, assemble_start
 from mfed.seeding import derive_seed
-from mfed.spec import DataSpec, Regularizer, RoundSpec, SpecError
+from mfed.spec import DataSource, DataSpec, Regularizer, RoundSpec, SpecError
 from mfed.storage import NotFound, Storage
 
 
@@ -124,13 +125,39 @@ def _check_task_matches(spec: RoundSpec, info: TaskGroupInfo) -> None:
         )
 
 
-def load_site_splits(data: DataSpec, site: str, val_fraction: float, storage: Storage) -> SiteData:
-    """The site's splits; the same data spec and site always give the same validation split."""
+def load_site_splits(
+    data: DataSpec,
+    site: str,
+    val_fraction: float,
+    storage: Storage,
+    *,
+    example_shape: tuple[int, ...] | None = None,
+    classes: int | None = None,
+) -> SiteData:
+    """The site's splits; the same data spec and site always give the same validation split.
+    Files read one by one (image-folder) are checked against the encoder's `example_shape` and
+    the task's `classes`."""
     return load_site_data(
         data,
         val_fraction=val_fraction,
         split_seed=derive_seed(data.shard_seed, site, "split"),
         read=storage.read,
+        example_shape=example_shape,
+        classes=classes,
+    )
+
+
+def _load_for(spec: RoundSpec, storage: Storage) -> SiteData:
+    if spec.data.source is not DataSource.IMAGE_FOLDER:
+        return load_site_splits(spec.data, spec.site, spec.training.val_fraction, storage)
+    model, task = build_site_model(spec.encoder, spec.task, spec.decoder)
+    return load_site_splits(
+        spec.data,
+        spec.site,
+        spec.training.val_fraction,
+        storage,
+        example_shape=tuple(model.input_spec.shape),
+        classes=task.label_classes,
     )
 
 
@@ -231,7 +258,7 @@ def _run(
     if existing is not None:
         return SiteRoundResult(manifest=existing, reused=True)
     if data is None:
-        data = load_site_splits(spec.data, spec.site, spec.training.val_fraction, storage)
+        data = _load_for(spec, storage)
     state = _prepare(spec, storage, data)
     model, task, info = state.model, state.task, state.info
     device = pick_device(spec.training.device)
@@ -322,6 +349,8 @@ def _run(
     decoder_bytes = encode_tensors(decoder)
     # The site's traffic this round, for the report (the manifest's own few kB not counted).
     metrics["upload_bytes"] = float(len(delta_bytes) + len(decoder_bytes))
+    if isinstance(data.train, ImageFolderSplit):  # skipped (onBadRecord: skip) across every split
+        metrics["bad_records_skipped"] = float(len(data.train.bad.seen))
     manifest = ContributionManifest(
         federation=spec.federation,
         round=spec.round,
@@ -382,7 +411,7 @@ def _train_shared_track(
     return delta, decoder
 
 
-def _eval_split(data: SiteData, spec: RoundSpec) -> tuple[Split, int]:
+def _eval_split(data: SiteData, spec: RoundSpec) -> tuple[Split | ImageFolderSplit, int]:
     """The split both the federated and the Local model are scored on (test, else validation),
     with its evaluation seed."""
     if data.test is not None:

@@ -101,6 +101,8 @@ CASES = [
     Case("shard index past the count", ST, _set("spec.data.demo.shardIndex", 8), "spec.data.demo", "shardIndex must be smaller than shardCount"),
     Case("pvc path with ..", ST, _set("spec.data", {"pvc": {"claimName": "c", "path": "a/../../etc/x.npz"}}), "spec.data.pvc.path", "must stay inside the volume; remove '..'"),
     Case("pvc test path with ..", ST, _set("spec.data", {"pvc": {"claimName": "c", "path": "a.npz", "testPath": "../t.npz"}}), "spec.data.pvc.testPath", "spec.data.pvc.testPath must stay inside the volume"),
+    Case("index outside the image folder", ST, _set("spec.data", {"pvc": {"claimName": "c", "path": "img", "format": "image-folder", "index": "../x.csv"}}), "spec.data.pvc.index", "must stay inside the image folder"),
+    Case("an index for an .npz", ST, _set("spec.data", {"pvc": {"claimName": "c", "path": "a.npz", "index": "x.csv"}}), "spec.data.pvc", "apply to format image-folder only"),
     Case("env sets MFED_SPEC", ST, _set("spec.env", [{"name": "MFED_SPEC", "value": "{}"}]), "spec.env", "must not set MFED_SPEC, MFED_S3_* or AWS_*"),
     Case("env sets AWS credentials", ST, _set("spec.env", [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]), "spec.env", "(the operator sets them from the FederationRound); remove those entries"),
     Case("env entry with value and valueFrom", ST, _set("spec.env", [ENV_VALUE]), "spec.env[0]", "set exactly one of value or valueFrom"),

@@ -134,6 +134,16 @@ def data_spec(site: SiteTaskView) -> DataSpec:
         )
     if d.kind is DataKind.S3:
         return DataSpec(source=DataSource.NPZ, uri=d.uri, test_uri=d.test_uri)
+    if d.format == "image-folder":
+        return DataSpec(
+            source=DataSource.IMAGE_FOLDER,
+            uri=f"{PVC_MOUNT}/{d.path}",
+            test_uri=f"{PVC_MOUNT}/{d.test_path}" if d.test_path else None,
+            index=d.index,
+            on_bad_record=d.on_bad_record,
+            max_bad_records=d.max_bad_records,
+            loader_workers=d.loader_workers,
+        )
     return DataSpec(
         source=DataSource.NPZ,
         uri=f"{PVC_MOUNT}/{d.path}",

@@ -56,6 +56,12 @@ class SiteData:
     claim_name: str | None = None
     path: str | None = None
     test_path: str | None = None
+    # pvc: what `path` is (an .npz file, or an image folder), its index, and bad records' fate
+    format: str = "npz"
+    index: str | None = None
+    on_bad_record: str = "fail"
+    max_bad_records: int = 0
+    loader_workers: int = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,7 +201,26 @@ def _site_data(f: Fields) -> SiteData:
     path = d.str("path")
     if path.startswith("/") or ".." in path:
         raise FieldError(f"{d.path}.path", "must be a relative path inside the volume without '..'")
-    return SiteData(kind=kind, claim_name=d.str("claimName"), path=path, test_path=d.opt_str("testPath"))
+    data_format = d.str("format", "npz", choices=["npz", "image-folder"])
+    folder_only = [k for k in ("index", "onBadRecord", "maxBadRecords", "loaderWorkers") if d.has(k)]
+    if folder_only and data_format != "image-folder":
+        raise FieldError(
+            f"{d.path}.{folder_only[0]}", "applies to format: image-folder only; set the format or drop it"
+        )
+    folder_index = d.opt_str("index")
+    if folder_index is not None and (folder_index.startswith("/") or ".." in folder_index):
+        raise FieldError(f"{d.path}.index", "must be a path inside the image folder without '..'")
+    return SiteData(
+        kind=kind,
+        claim_name=d.str("claimName"),
+        path=path,
+        test_path=d.opt_str("testPath"),
+        format=data_format,
+        index=folder_index,
+        on_bad_record=d.str("onBadRecord", "fail", choices=["fail", "skip"]),
+        max_bad_records=d.int("maxBadRecords", 0, minimum=0),
+        loader_workers=d.int("loaderWorkers", 2, minimum=0),
+    )
 
 
 def _env_var(f: Fields) -> EnvVar:
@@ -355,8 +380,8 @@ def parse_round(body: Mapping[str, Any]) -> RoundView:
         if method in (Method.LOCAL, Method.CENTRALIZED):
             raise FieldError(
                 "spec.training.method",
-                f"{method.value} is a pilot baseline (centralized pools every site's data); use m-fed, task-fedavg, encoder-fedavg or a cross-task strategy "
-                "(cagrad, gated, mix, fallback, auto)",
+                f"{method.value} is a pilot baseline (centralized pools every site's data); use m-fed, "
+                "task-fedavg, encoder-fedavg or a cross-task strategy (cagrad, gated, mix, fallback, auto)",
             )
         aggregation = spec.obj("aggregation", required=False)
         storage_f = spec.obj("storage")

@@ -1,0 +1,265 @@
+"""A site's own images as files: one sub-folder per class, or an index (CSV / JSONL) of file ->
+target. Read lazily: only the list of (file, target) is in memory, each batch's images are
+decoded (Pillow) when the trainer asks for them, in `loader_workers` processes, so a site's
+memory does not grow with its data set (the formula: docs/data.md).
+
+Every record is checked where it is read, and a bad one is never trained on silently: an
+unreadable image, a wrong mode (channels) or size, a target outside the task's classes, a file
+the index names that does not exist. With `on_bad_record: fail` the first one stops the site with
+a DataError naming the file and the problem; with `skip` it is left out and counted, up to
+`max_bad_records`, beyond which the site fails anyway (a folder of garbage is not "skipped").
+
+The validation split is chosen per file from a hash of (seed, file key), not from a shuffled
+index: the same file is in the same split whatever else is added to the folder, for the same
+seed, and choosing needs no pass over the data.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mfed.learning.data import DataError, SiteData
+from mfed.spec import DataSpec
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MODES = {1: "L", 3: "RGB"}  # channels -> the Pillow mode a file must have
+
+
+class OnBadRecord(StrEnum):
+    FAIL = "fail"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    key: str  # the file relative to the data root: what messages and the split hash name
+    path: Path
+    target: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class BadRecords:
+    """What to do with a bad record, and the ones seen (key -> problem)."""
+
+    policy: OnBadRecord = OnBadRecord.FAIL
+    limit: int = 0  # skip at most this many; one more fails the site
+    seen: dict[str, str] = field(default_factory=dict)
+
+    def record(self, key: str, problem: str) -> None:
+        if self.policy is OnBadRecord.FAIL:
+            raise DataError(f"{key}: {problem} (onBadRecord: fail; set onBadRecord: skip to leave such files out)")
+        self.seen[key] = problem
+        if len(self.seen) > self.limit:
+            raise DataError(
+                f"{len(self.seen)} bad records, more than maxBadRecords {self.limit} (the latest: {key}: {problem}); "
+                "fix the data or raise maxBadRecords"
+            )
+
+
+def list_class_folders(root: Path, bad: BadRecords) -> tuple[list[ImageRecord], tuple[str, ...]]:
+    """Images under root/<class>/..., the classes numbered in sorted order of their folder names."""
+    if not root.is_dir():
+        raise DataError(f"{root}: the image folder does not exist or is not a directory")
+    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+    if not classes:
+        raise DataError(f"{root}: no class sub-folders; put each class's images in a folder of its own")
+    records = []
+    for target, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                records.append(ImageRecord(key=str(path.relative_to(root)), path=path, target=target))
+            elif path.is_file():
+                bad.record(str(path.relative_to(root)), f"not an image file ({', '.join(IMAGE_SUFFIXES)})")
+    if not records:
+        raise DataError(f"{root}: the class folders hold no {'/'.join(IMAGE_SUFFIXES)} files")
+    return records, classes
+
+
+def read_index(index: Path, root: Path, bad: BadRecords) -> list[ImageRecord]:
+    """An index of file -> target: CSV with a header `file,target`, or JSON lines
+    {"file": ..., "target": ...}; files are relative to `root`."""
+    try:
+        text = index.read_text()
+    except OSError as exc:
+        raise DataError(f"{index}: cannot read the index: {exc}") from exc
+    if index.suffix.lower() == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{index} line {number}: not JSON: {exc}") from exc
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        if reader.fieldnames is None or not {"file", "target"} <= set(reader.fieldnames):
+            raise DataError(f"{index}: the CSV index needs a header with columns file,target")
+        rows = [(number, row) for number, row in enumerate(reader, start=2)]
+    records = []
+    for number, row in rows:
+        where = f"{index.name} line {number}"
+        if not isinstance(row, dict) or "file" not in row or "target" not in row:
+            raise DataError(f"{where}: each entry needs file and target")
+        key = str(row["file"])
+        try:
+            target = int(row["target"])
+        except (TypeError, ValueError):
+            bad.record(key, f"target {row['target']!r} ({where}) is not an integer class")
+            continue
+        path = (root / key).resolve()
+        if not path.is_relative_to(root.resolve()):
+            raise DataError(f"{where}: {key} points outside the data folder; use a path inside it")
+        if not path.is_file():
+            bad.record(key, f"missing file (named by {where})")
+            continue
+        records.append(ImageRecord(key=key, path=path, target=target))
+    if not records:
+        raise DataError(f"{index}: the index names no readable image")
+    return records
+
+
+def check_targets(records: Sequence[ImageRecord], classes: int | None, bad: BadRecords) -> list[ImageRecord]:
+    """The records whose target is a class of the task (`classes`: how many; None: any)."""
+    if classes is None:
+        return list(records)
+    kept = []
+    for r in records:
+        if 0 <= r.target < classes:
+            kept.append(r)
+        else:
+            bad.record(r.key, f"target {r.target} is outside the task's classes 0..{classes - 1}")
+    return kept
+
+
+def in_validation(key: str, seed: int, fraction: float) -> bool:
+    """Whether the file is in the validation split: a hash of (seed, key) below `fraction`."""
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+def decode_image(data: bytes, shape: tuple[int, int, int], key: str) -> np.ndarray | str:
+    """The image as float32 (C, H, W) in [0, 1], or the problem as text (never raises for bad data)."""
+    from PIL import Image, UnidentifiedImageError
+
+    channels, height, width = shape
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.mode != MODES.get(channels):
+                return f"image mode {image.mode}, the encoder needs {MODES.get(channels, f'{channels} channels')}"
+            if image.size != (width, height):
+                return f"image size {image.size[0]}x{image.size[1]}, the encoder needs {width}x{height}"
+            array = np.asarray(image, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        return f"unreadable image: {exc}"
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+
+
+class _Decoded(torch.utils.data.Dataset[tuple[np.ndarray | str, int, str]]):
+    def __init__(self, records: Sequence[ImageRecord], shape: tuple[int, int, int]) -> None:
+        self.records, self.shape = records, shape
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray | str, int, str]:
+        record = self.records[i]
+        try:
+            data = record.path.read_bytes()
+        except OSError as exc:
+            return f"cannot read the file: {exc}", record.target, record.key
+        return decode_image(data, self.shape, record.key), record.target, record.key
+
+
+def _keep_all(batch: list[tuple[np.ndarray | str, int, str]]) -> list[tuple[np.ndarray | str, int, str]]:
+    return batch  # decoded in the worker, judged in the trainer (where the policy and its count live)
+
+
+@dataclass
+class ImageFolderSplit:
+    """One split of an image folder, decoded batch by batch (the trainer's `Examples`)."""
+
+    records: list[ImageRecord]
+    shape: tuple[int, int, int]
+    bad: BadRecords
+    loader_workers: int = 2
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    @property
+    def example_dtype(self) -> str:
+        return "float32"
+
+    def batches(
+        self, indices: Sequence[torch.Tensor], pin: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(inputs, targets) of each list of indices, in order; bad records are judged by the
+        policy (fail raises DataError, skip leaves them out of their batch). The workers decode
+        ahead of the trainer (prefetch_factor batches each)."""
+        loader = torch.utils.data.DataLoader(
+            _Decoded(self.records, self.shape),
+            batch_sampler=[index.tolist() for index in indices],
+            num_workers=self.loader_workers,
+            collate_fn=_keep_all,
+        )
+        for batch in loader:
+            images, targets = [], []
+            for image, target, key in batch:
+                if isinstance(image, str):
+                    self.bad.record(key, image)
+                    continue
+                images.append(image)
+                targets.append(target)
+            if images:
+                x, y = torch.from_numpy(np.stack(images)), torch.tensor(targets, dtype=torch.int64)
+                yield (x.pin_memory(), y.pin_memory()) if pin else (x, y)
+
+
+def load_image_folder(
+    spec: DataSpec, shape: tuple[int, int, int], classes: int | None, *, val_fraction: float, split_seed: int
+) -> SiteData:
+    """The site's splits from `spec.uri` (class sub-folders, or `spec.index`), validation chosen
+    per file (in_validation); `spec.test_uri`, when set, is a second folder of the same layout."""
+    assert spec.uri is not None  # DataSpec guarantees it
+    bad = BadRecords(policy=OnBadRecord(spec.on_bad_record), limit=spec.max_bad_records)
+    records = _records(Path(spec.uri), spec.index, classes, bad)
+    val = [r for r in records if in_validation(r.key, split_seed, val_fraction)]
+    train = [r for r in records if not in_validation(r.key, split_seed, val_fraction)]
+    if not val or not train:
+        raise DataError(
+            f"{spec.uri}: {len(records)} images leave {len(train)} for training and {len(val)} for validation "
+            f"(valFraction {val_fraction}); add images"
+        )
+    test = None
+    if spec.test_uri:
+        test = ImageFolderSplit(
+            _records(Path(spec.test_uri), spec.index, classes, bad), shape, bad, spec.loader_workers
+        )
+    return SiteData(
+        train=ImageFolderSplit(train, shape, bad, spec.loader_workers),
+        val=ImageFolderSplit(val, shape, bad, spec.loader_workers),
+        test=test,
+    )
+
+
+def _records(root: Path, index: str | None, classes: int | None, bad: BadRecords) -> list[ImageRecord]:
+    records = read_index(root / index, root, bad) if index else list_class_folders(root, bad)[0]
+    return check_targets(records, classes, bad)

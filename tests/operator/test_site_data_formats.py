@@ -1,0 +1,48 @@
+"""spec.data.pvc.format image-folder from the SiteTask to the trainer's DataSpec (what the Job
+runs with), and the operator's own refusals naming the field. The CEL and schema rules are in
+test_crd_rules.py; the trainer's reading of the folder in tests/unit/test_image_folder.py."""
+
+from __future__ import annotations
+
+import pytest
+from mfed_operator.domain.method_settings import PVC_MOUNT, data_spec
+from mfed_operator.domain.views import ResourceError
+
+from mfed.spec import DataSource
+from tests.operator.builders import site
+
+
+def test_an_image_folder_on_a_claim_reaches_the_trainer_with_its_settings():
+    pvc = {
+        "claimName": "inspection",
+        "path": "line-3/images",
+        "testPath": "line-3/held-out",
+        "format": "image-folder",
+        "index": "labels.csv",
+        "onBadRecord": "skip",
+        "maxBadRecords": 50,
+        "loaderWorkers": 4,
+    }
+    spec = data_spec(site("plant-a", data={"pvc": pvc}))
+    assert spec.source is DataSource.IMAGE_FOLDER
+    assert (spec.uri, spec.test_uri) == (f"{PVC_MOUNT}/line-3/images", f"{PVC_MOUNT}/line-3/held-out")
+    assert (spec.index, spec.on_bad_record, spec.max_bad_records, spec.loader_workers) == ("labels.csv", "skip", 50, 4)
+    npz = data_spec(site("plant-b", data={"pvc": {"claimName": "c", "path": "train.npz"}}))
+    assert npz.source is DataSource.NPZ  # format unset: the .npz it always was
+
+
+@pytest.mark.parametrize(
+    ("pvc", "field"),
+    [
+        ({"claimName": "c", "path": "a.npz", "onBadRecord": "skip"}, "spec.data.pvc.onBadRecord"),
+        ({"claimName": "c", "path": "img", "format": "image-folder", "index": "../x.csv"}, "spec.data.pvc.index"),
+        ({"claimName": "c", "path": "img", "format": "parquet"}, "spec.data.pvc.format"),
+        (
+            {"claimName": "c", "path": "img", "format": "image-folder", "maxBadRecords": -1},
+            "spec.data.pvc.maxBadRecords",
+        ),
+    ],
+)
+def test_bad_data_settings_are_refused_naming_the_field(pvc, field):
+    with pytest.raises(ResourceError, match=field.replace(".", r"\.")):
+        site("plant-c", data={"pvc": pvc})

@@ -12,6 +12,9 @@ MODEL_FILE = "model.safetensors"
 DELTA_FILE = "delta.safetensors"
 DECODER_FILE = "decoder.safetensors"
 MANIFEST_FILE = "manifest.json"
+# Written by a site whose trainer refused its input (exit code 2) instead of a contribution: why,
+# in words that name the file and the problem, for the operator to put in the site's status.
+FAILURE_FILE = "failure.json"
 
 
 def join(prefix: str, *parts: str) -> str:

@@ -23,6 +23,7 @@ from mfed_operator.adapters.dataplane import (
     CountingStorage,
     aggregate_round,
     inspect_base,
+    read_failure,
     verify_site,
 )
 from mfed_operator.adapters.kube import Conflict, Gone, Kube, KubeUnavailable, Refused, S3Credentials
@@ -42,6 +43,7 @@ from mfed_operator.domain.actions import (
     JobDeleted,
     JobRefused,
     Outcome,
+    ReadFailure,
     ReportSiteTasks,
     RoundCreated,
     SiteRejected,
@@ -173,6 +175,7 @@ class Executor:
                     "round": action.round_number,
                     "result": report.result,
                     "reason": report.reason,
+                    "message": report.message if report.result != "Accepted" else None,
                     "completedAt": action.completed_at,
                 }
                 # Each field is replaced whole: a round's metrics replace the last ones, never merge.
@@ -267,6 +270,8 @@ class Executor:
                 elif isinstance(outcome, SiteRejected):
                     self._metrics.contributions.labels("rejected", outcome.reason).inc()
                 return outcome
+            if isinstance(action, ReadFailure):
+                return await self._io(read_failure, storage, action.site, action.prefix)
             if isinstance(action, Aggregate):
                 base = await self._io(self._bases.get, storage, action.base_uri, status.base_sha256 or "")
                 aggregated = await self._io(aggregate_round, storage, base, action)

@@ -84,7 +84,12 @@ def test_a_failed_site_job_is_left_out_when_quorum_is_met_and_fails_the_round_wh
 
     assert met["phase"] == "Succeeded"
     bad = by_site(met)["met-bad"]
-    assert (bad["phase"], bad["reason"]) == ("Failed", "PodFailurePolicy")
+    # the Job failed on its exit code (podFailurePolicy); the trainer's own words say why
+    assert (bad["phase"], bad["reason"]) == ("Failed", "BadInput")
+    assert "no-such-site-data.npz" in bad["message"], bad
+    sitetask = cluster.client.get("mfed.dev/v1alpha1", "sitetasks", cluster.namespace, "met-bad") or {}
+    last = sitetask["status"]["lastRound"]
+    assert (last["result"], last["reason"]) == ("Failed", "BadInput") and "no-such-site-data.npz" in last["message"]
     assert {by_site(met)[s]["phase"] for s in ("met-a", "met-b", "met-c")} == {"Accepted"}
     assert met["summary"]["sites"] == "3/4"
     degraded = {c["type"]: c for c in met["conditions"]}["Degraded"]
@@ -94,7 +99,7 @@ def test_a_failed_site_job_is_left_out_when_quorum_is_met_and_fails_the_round_wh
     assert missed["phase"] == "Failed"
     ready = {c["type"]: c for c in missed["conditions"]}["Ready"]
     assert ready["reason"] == "QuorumNotMet"
-    assert "minSites) is 3" in ready["message"] and "missed-bad (Failed: PodFailurePolicy)" in ready["message"]
+    assert "minSites) is 3" in ready["message"] and "missed-bad (Failed: BadInput)" in ready["message"]
     assert {c["type"]: c for c in missed["conditions"]}["Stalled"]["status"] == "True"
     assert "globalModel" not in missed
     assert not cluster.s3_exists(f"s3://{BUCKET}/federations/quorum-missed/missed/global/model.safetensors")

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 import pytest
 from mfed_operator.domain.actions import (
-    Aggregate,
+    Action,
     Aggregated,
     AggregationImpossible,
     BaseInspected,
     CreateJob,
-    CreateRound,
-    DeleteJob,
-    InspectBase,
-    ReportSiteTasks,
+    SiteFailureRead,
     SiteRejected,
     SiteVerified,
     StorageFailed,
-    VerifySite,
 )
 from mfed_operator.domain.observations import JobState, PreviousRound, SecretCheck
 from mfed_operator.domain.phases import TRANSITIONS, IllegalTransition, Phase, SitePhase, check_transition
@@ -280,6 +277,7 @@ CASES = [
         phase=Phase.AGGREGATING,
         round=round_view(aggregation={"minSites": 1}),
         jobs=(job("r1-a", JobState.FAILED, "a", reason="PodFailurePolicy"),),
+        actions=("ReadFailure",),  # once, as the failure is seen: did the trainer say why?
         sites_after={"a": SitePhase.FAILED},
     ),
     Case(
@@ -457,6 +455,24 @@ def test_a_rejected_contribution_records_its_typed_reason() -> None:
     assert record is not None and (record.phase, record.reason) == (SitePhase.REJECTED, "NonFiniteValues")
 
 
+def test_what_a_failed_trainer_said_about_its_input_becomes_the_sites_reason() -> None:
+    failed = rec("a", SitePhase.FAILED)
+    failed = replace(failed, reason="PodFailurePolicy", message="exit code 2 matching FailJob rule")
+    desired = Desired(round=round_view(), config=CONFIG)
+    said = apply_outcome(
+        training_status(failed), SiteFailureRead(site="a", message="img/7.png: unreadable image"), desired, NOW
+    )
+    record = said.site("a")
+    assert record is not None
+    assert (record.phase, record.reason, record.message) == (
+        SitePhase.FAILED,
+        "BadInput",
+        "img/7.png: unreadable image",
+    )
+    silent = apply_outcome(training_status(failed), SiteFailureRead(site="a", message=None), desired, NOW)
+    assert silent.site("a") == failed  # nothing written: the Job's own reason stays
+
+
 def test_storage_failures_back_off_exponentially_then_fail_the_round_at_the_limit() -> None:
     desired = Desired(
         round=round_view(),
@@ -548,9 +564,7 @@ def test_the_transition_table_allows_only_forward_moves() -> None:
 
 
 def test_action_types_used_in_the_table_exist() -> None:
-    names = {
-        t.__name__ for t in (CreateJob, DeleteJob, InspectBase, VerifySite, Aggregate, CreateRound, ReportSiteTasks)
-    }
+    names = {a.__name__ for a in typing.get_args(Action)}
     for case in CASES:
         assert set(case.actions) <= names
 

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from mfed.artifacts.layout import MANIFEST_FILE, join
+from mfed.artifacts.layout import FAILURE_FILE, MANIFEST_FILE, join
 from mfed.model_store import write_global_model
 from mfed.rounds.initial import init_global_model
 from mfed.rounds.site_round import BadInput, run_site_round
@@ -79,6 +79,16 @@ def run(spec: RoundSpec | InitSpec, storage: Storage) -> None:
     )
 
 
+def _leave_failure(spec: RoundSpec, message: str) -> None:
+    """Best effort: why this site refused its input, where the operator looks when its Job fails
+    (the Job's own status says only which exit code failed it)."""
+    body = {"site": spec.site, "round": spec.round, "kind": "bad-input", "message": message}
+    try:
+        Storage().write(join(spec.output, FAILURE_FILE), json.dumps(body, sort_keys=True).encode())
+    except (StorageError, OSError) as exc:  # the message is still in the Job's log
+        _report("failure-not-recorded", error=str(exc))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mfed-trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -86,11 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", help="spec file, or - for stdin (default: $MFED_SPEC)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    spec: RoundSpec | InitSpec | None = None
     try:
         spec = parse_spec(_read_spec(args.spec))
         run(spec, Storage())
     except (SpecError, BadInput, NotFound, FileNotFoundError) as exc:
         _report("failed", kind="bad-input", error=str(exc))
+        if isinstance(spec, RoundSpec):
+            _leave_failure(spec, str(exc))
         return EXIT_BAD_INPUT
     except StorageError as exc:
         _report("failed", kind="transient", error=str(exc))

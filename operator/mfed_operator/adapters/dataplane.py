@@ -7,6 +7,7 @@ rejection that ends up in the round's status.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import OrderedDict
@@ -16,7 +17,7 @@ from typing import Any
 
 from mfed.aggregation.fedavg import ContributionSource, RoundAggregator, aggregate
 from mfed.aggregation.validate import ContributionRejected, NothingAccepted, RejectReason
-from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, MANIFEST_FILE, MODEL_FILE, join
+from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, FAILURE_FILE, MANIFEST_FILE, MODEL_FILE, join
 from mfed.artifacts.manifest import ContributionManifest, ManifestError
 from mfed.artifacts.ranged import ByteRange, BytesRange
 from mfed.model_store import GlobalModel, GlobalModelError, check_global_model_present, read_global_model
@@ -27,6 +28,7 @@ from mfed_operator.domain.actions import (
     Aggregate,
     Aggregated,
     AggregationImpossible,
+    SiteFailureRead,
     SiteRejected,
     SiteVerified,
 )
@@ -161,6 +163,18 @@ def _open_files(
         )
     except NotFound as exc:
         raise ContributionRejected(site, RejectReason.UNREADABLE, str(exc)) from None
+
+
+def read_failure(storage: CountingStorage, site: str, prefix: str) -> SiteFailureRead:
+    """What the site's trainer wrote about refusing its input, if anything readable: a report
+    that is missing, not JSON, or about another site says nothing (the Job's reason stays)."""
+    try:
+        body = json.loads(storage.read(join(prefix, FAILURE_FILE)))
+    except (NotFound, ValueError):
+        return SiteFailureRead(site=site, message=None)
+    if not isinstance(body, dict) or body.get("site") != site or not isinstance(body.get("message"), str):
+        return SiteFailureRead(site=site, message=None)
+    return SiteFailureRead(site=site, message=body["message"])
 
 
 def verify_site(

@@ -43,6 +43,14 @@ class VerifySite:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ReadFailure:
+    """A site's Job failed: read why, if its trainer said (FAILURE_FILE under its prefix)."""
+
+    site: str
+    prefix: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class Aggregate:
     sites: tuple[str, ...]
     site_prefixes: Mapping[str, str]
@@ -67,6 +75,7 @@ class SiteReport:
     sitetask: str
     result: str
     reason: str | None
+    message: str | None = None
     metrics: Mapping[str, float]
     samples: int | None
 
@@ -79,8 +88,8 @@ class ReportSiteTasks:
     reports: tuple[SiteReport, ...]
 
 
-Action = CreateJob | DeleteJob | InspectBase | VerifySite | Aggregate | CreateRound | ReportSiteTasks
-S3_ACTIONS = (InspectBase, VerifySite, Aggregate)
+Action = CreateJob | DeleteJob | InspectBase | VerifySite | ReadFailure | Aggregate | CreateRound | ReportSiteTasks
+S3_ACTIONS = (InspectBase, VerifySite, ReadFailure, Aggregate)
 
 # ---------------------------------------------------------------- outcomes
 
@@ -124,6 +133,14 @@ class SiteVerified:
     samples: int
     delta_sha256: str
     metrics: Mapping[str, float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteFailureRead:
+    """What a failed site's trainer wrote about its input (None: it wrote nothing)."""
+
+    site: str
+    message: str | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,6 +195,7 @@ Outcome = (
     | BaseUnusable
     | SiteVerified
     | SiteRejected
+    | SiteFailureRead
     | Aggregated
     | AggregationImpossible
     | StorageFailed

@@ -30,8 +30,10 @@ from mfed_operator.domain.actions import (
     JobDeleted,
     JobRefused,
     Outcome,
+    ReadFailure,
     ReportSiteTasks,
     RoundCreated,
+    SiteFailureRead,
     SiteRejected,
     SiteReport,
     SiteTasksReported,
@@ -55,6 +57,9 @@ from mfed_operator.domain.phases import Phase, SitePhase, check_transition
 from mfed_operator.domain.status import Headline, Retry, RoundStatus, SiteRecord, bounded_metrics, clip, iso, parse_time
 from mfed_operator.domain.validation import Severity, check_base, validate_selection
 from mfed_operator.domain.views import InitialKind, RoundView, SiteTaskView
+
+# A failed site whose trainer said why it refused its input (FAILURE_FILE): the reason in its status.
+BAD_INPUT = "BadInput"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -316,6 +321,9 @@ def _training(desired: Desired, observed: Observed, status: RoundStatus) -> Deci
                 actions.append(DeleteJob(name=job.name, site=record.site, reason="Straggler"))
         if updated.phase is SitePhase.UPLOADED and can_read:
             actions.append(VerifySite(site=record.site, prefix=site_output(r, record.site)))
+        if updated.phase is SitePhase.FAILED and job is not None and job.state is JobState.FAILED and can_read:
+            # once, as the failure is seen: the trainer may have said why (bad data names the file)
+            actions.append(ReadFailure(site=record.site, prefix=site_output(r, record.site)))
         status = status.with_site(updated)
 
     open_sites = [s for s in status.sites if not s.phase.final]
@@ -415,7 +423,12 @@ def _terminal(
                 completed_at=status.completed_at,
                 reports=tuple(
                     SiteReport(
-                        sitetask=s.site, result=s.phase.value, reason=s.reason, metrics=s.metrics, samples=s.samples
+                        sitetask=s.site,
+                        result=s.phase.value,
+                        reason=s.reason,
+                        message=s.message,
+                        metrics=s.metrics,
+                        samples=s.samples,
                     )
                     for s in status.sites
                 ),
@@ -487,6 +500,11 @@ def apply_outcome(status: RoundStatus, outcome: Outcome, desired: Desired, now: 
         )
     if isinstance(outcome, SiteRejected):
         return _reject(status, outcome.site, outcome.reason, outcome.detail, now)
+    if isinstance(outcome, SiteFailureRead):
+        record = status.site(outcome.site)
+        if record is None or outcome.message is None or record.phase is not SitePhase.FAILED:
+            return status
+        return status.with_site(replace(record, reason=BAD_INPUT, message=clip(outcome.message)))
     if isinstance(outcome, Aggregated):
         for site, reason, detail in outcome.rejected:
             status = _reject(status, site, reason, detail, now)

@@ -43,7 +43,6 @@ class OnBadRecord(StrEnum):
 @dataclass(frozen=True)
 class ImageRecord:
     key: str  # the file relative to the data root: what messages and the split hash name
-    path: Path
     target: int
 
 
@@ -77,7 +76,7 @@ def list_class_folders(root: Path, bad: BadRecords) -> tuple[list[ImageRecord], 
     for target, name in enumerate(classes):
         for path in sorted((root / name).rglob("*")):
             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                records.append(ImageRecord(key=str(path.relative_to(root)), path=path, target=target))
+                records.append(ImageRecord(key=str(path.relative_to(root)), target=target))
             elif path.is_file():
                 bad.record(str(path.relative_to(root)), f"not an image file ({', '.join(IMAGE_SUFFIXES)})")
     if not records:
@@ -123,7 +122,7 @@ def read_index(index: Path, root: Path, bad: BadRecords) -> list[ImageRecord]:
         if not path.is_file():
             bad.record(key, f"missing file (named by {where})")
             continue
-        records.append(ImageRecord(key=key, path=path, target=target))
+        records.append(ImageRecord(key=key, target=target))
     if not records:
         raise DataError(f"{index}: the index names no readable image")
     return records
@@ -169,36 +168,50 @@ def decode_image(data: bytes, shape: tuple[int, int, int], key: str) -> np.ndarr
 
 
 class _Decoded(torch.utils.data.Dataset[tuple[np.ndarray | str, int, str]]):
-    def __init__(self, records: Sequence[ImageRecord], shape: tuple[int, int, int]) -> None:
-        self.records, self.shape = records, shape
+    def __init__(self, root: Path, keys: np.ndarray, targets: np.ndarray, shape: tuple[int, int, int]) -> None:
+        self.root, self.keys, self.targets, self.shape = root, keys, targets, shape
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.keys)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray | str, int, str]:
-        record = self.records[i]
+        key, target = self.keys[i].decode(), int(self.targets[i])
         try:
-            data = record.path.read_bytes()
+            data = (self.root / key).read_bytes()
         except OSError as exc:
-            return f"cannot read the file: {exc}", record.target, record.key
-        return decode_image(data, self.shape, record.key), record.target, record.key
+            return f"cannot read the file: {exc}", target, key
+        return decode_image(data, self.shape, key), target, key
 
 
 def _keep_all(batch: list[tuple[np.ndarray | str, int, str]]) -> list[tuple[np.ndarray | str, int, str]]:
     return batch  # decoded in the worker, judged in the trainer (where the policy and its count live)
 
 
-@dataclass
 class ImageFolderSplit:
-    """One split of an image folder, decoded batch by batch (the trainer's `Examples`)."""
+    """One split of an image folder, decoded batch by batch (the trainer's batch source).
 
-    records: list[ImageRecord]
-    shape: tuple[int, int, int]
-    bad: BadRecords
-    loader_workers: int = 2
+    The files are kept as two numpy arrays (keys as fixed-width bytes, targets as int64), not a
+    list of Python objects: about (longest key + 8) bytes per file, and the loader workers,
+    forked from the trainer, share those pages instead of copying them (reading a Python object
+    writes its reference count; reading a numpy array does not)."""
+
+    def __init__(
+        self,
+        root: Path,
+        records: Sequence[ImageRecord],
+        shape: tuple[int, int, int],
+        bad: BadRecords,
+        loader_workers: int = 2,
+    ) -> None:
+        self.root, self.shape, self.bad, self.loader_workers = root, shape, bad, loader_workers
+        self.keys = np.array([r.key.encode() for r in records], dtype=bytes)
+        self.targets = np.array([r.target for r in records], dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.keys)
+
+    def record(self, i: int) -> ImageRecord:
+        return ImageRecord(key=self.keys[i].decode(), target=int(self.targets[i]))
 
     @property
     def example_shape(self) -> tuple[int, ...]:
@@ -215,7 +228,7 @@ class ImageFolderSplit:
         policy (fail raises DataError, skip leaves them out of their batch). The workers decode
         ahead of the trainer (prefetch_factor batches each)."""
         loader = torch.utils.data.DataLoader(
-            _Decoded(self.records, self.shape),
+            _Decoded(self.root, self.keys, self.targets, self.shape),
             batch_sampler=[index.tolist() for index in indices],
             num_workers=self.loader_workers,
             collate_fn=_keep_all,
@@ -240,7 +253,8 @@ def load_image_folder(
     per file (in_validation); `spec.test_uri`, when set, is a second folder of the same layout."""
     assert spec.uri is not None  # DataSpec guarantees it
     bad = BadRecords(policy=OnBadRecord(spec.on_bad_record), limit=spec.max_bad_records)
-    records = _records(Path(spec.uri), spec.index, classes, bad)
+    root = Path(spec.uri)
+    records = _records(root, spec.index, classes, bad)
     val = [r for r in records if in_validation(r.key, split_seed, val_fraction)]
     train = [r for r in records if not in_validation(r.key, split_seed, val_fraction)]
     if not val or not train:
@@ -250,12 +264,12 @@ def load_image_folder(
         )
     test = None
     if spec.test_uri:
-        test = ImageFolderSplit(
-            _records(Path(spec.test_uri), spec.index, classes, bad), shape, bad, spec.loader_workers
-        )
+        test_root = Path(spec.test_uri)
+        test_records = _records(test_root, spec.index, classes, bad)
+        test = ImageFolderSplit(test_root, test_records, shape, bad, spec.loader_workers)
     return SiteData(
-        train=ImageFolderSplit(train, shape, bad, spec.loader_workers),
-        val=ImageFolderSplit(val, shape, bad, spec.loader_workers),
+        train=ImageFolderSplit(root, train, shape, bad, spec.loader_workers),
+        val=ImageFolderSplit(root, val, shape, bad, spec.loader_workers),
         test=test,
     )
 

@@ -103,7 +103,7 @@ def test_the_decoded_batches_are_the_pixels_that_were_written(tmp_path):
     written = _folder(tmp_path / "images", per_class=5)
     records, classes = list_class_folders(tmp_path / "images", BadRecords())
     assert classes == ("class-0", "class-1", "class-2")
-    split = ImageFolderSplit(records, (1, 28, 28), BadRecords(), loader_workers=2)
+    split = ImageFolderSplit(tmp_path / "images", records, (1, 28, 28), BadRecords(), loader_workers=2)
     order = [torch.tensor([3, 0, 14]), torch.tensor([7])]
     batches = list(split.batches(order))
     for index, (x, y) in zip(order, batches, strict=True):
@@ -192,7 +192,8 @@ def test_an_index_names_files_and_targets_instead_of_folders(tmp_path):
     (tmp_path / "images" / "labels.jsonl").write_text("\n".join(lines) + "\n")
     spec = DataSpec(source=DataSource.IMAGE_FOLDER, uri=str(tmp_path / "images"), index="labels.jsonl")
     data = load_image_folder(spec, (1, 28, 28), 3, val_fraction=0.2, split_seed=0)
-    records = data.train.records + data.val.records  # type: ignore[union-attr]
+    splits = [data.train, data.val]
+    records = [s.record(i) for s in splits for i in range(len(s))]  # type: ignore[union-attr]
     assert len(records) == 30
     assert all(r.target == 2 - int(r.key.split("/")[0][-1]) for r in records)  # the index's targets win
     assert BadRecords(policy=OnBadRecord.SKIP).policy is OnBadRecord.SKIP

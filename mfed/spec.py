@@ -272,6 +272,7 @@ class DataSource(StrEnum):
     FASHION_MNIST = "fashion-mnist"  # the built-in demo data set, sharded per site
     NPZ = "npz"  # a site's own data: arrays x (images) and y (labels/targets)
     IMAGE_FOLDER = "image-folder"  # a directory of PNG/JPEG files: class sub-folders or an index
+    TAR_SHARDS = "tar-shards"  # a directory of .tar shards of <key>.png + <key>.cls (WebDataset layout)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -296,10 +297,13 @@ class DataSpec:
     def __post_init__(self) -> None:
         if self.shard_count < 1 or not 0 <= self.shard_index < self.shard_count:
             raise SpecError("data.shard", f"index {self.shard_index} is not in [0, {self.shard_count})")
-        if self.source in (DataSource.NPZ, DataSource.IMAGE_FOLDER) and not self.uri:
+        streamed = self.source in (DataSource.IMAGE_FOLDER, DataSource.TAR_SHARDS)
+        if (self.source is DataSource.NPZ or streamed) and not self.uri:
             raise SpecError("data.uri", f"is required for {self.source.value} data: where the site's data is")
-        if self.source is DataSource.IMAGE_FOLDER and self.uri and self.uri.startswith("s3://"):
-            raise SpecError("data.uri", "an image folder is read from a directory (a PVC); S3 takes .npz files")
+        if streamed and self.uri and self.uri.startswith("s3://"):
+            raise SpecError(
+                "data.uri", f"{self.source.value} data is read from a directory (a PVC); S3 takes .npz files"
+            )
         if self.on_bad_record not in ("fail", "skip"):
             raise SpecError("data.onBadRecord", f"is {self.on_bad_record!r}; use fail or skip")
         if self.max_bad_records < 0 or self.loader_workers < 0:
@@ -359,7 +363,7 @@ class DataSpec:
                     "maxBadRecords": self.max_bad_records,
                     "loaderWorkers": self.loader_workers,
                 }
-                if self.source is DataSource.IMAGE_FOLDER
+                if self.source in (DataSource.IMAGE_FOLDER, DataSource.TAR_SHARDS)
                 else {}
             ),
         }

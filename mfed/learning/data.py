@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from mfed.spec import DataSource, DataSpec
 
 if TYPE_CHECKING:
     from mfed.learning.image_folder import ImageFolderSplit
+    from mfed.learning.tar_shards import TarShardSplit
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_DIR_ENV = "MFED_FASHION_MNIST_DIR"
@@ -73,13 +74,17 @@ class Split:
             yield x_all[index], y_all[index]
 
 
+# What the trainer trains and scores on: arrays in memory, or files decoded as they are read.
+Examples: TypeAlias = "Split | ImageFolderSplit | TarShardSplit"
+
+
 @dataclass(frozen=True)
 class SiteData:
     """A site's splits: arrays in memory (Split), or files decoded batch by batch (image-folder)."""
 
-    train: Split | ImageFolderSplit
-    val: Split | ImageFolderSplit
-    test: Split | ImageFolderSplit | None
+    train: Examples
+    val: Examples
+    test: Examples | None
 
 
 def read_idx(data: bytes) -> np.ndarray:
@@ -204,13 +209,17 @@ def load_site_data(
     """Build a site's train/val/test splits. `read` fetches npz bytes from a path or s3:// URI;
     an image folder needs the encoder's `example_shape` (C, H, W) and the task's `classes`
     (None: targets are not classes) to check each file against."""
-    if spec.source is DataSource.IMAGE_FOLDER:
+    if spec.source in (DataSource.IMAGE_FOLDER, DataSource.TAR_SHARDS):
         from mfed.learning.image_folder import load_image_folder
+        from mfed.learning.tar_shards import load_tar_shards
 
         if example_shape is None or len(example_shape) != 3:
-            raise DataError(f"an image folder needs an encoder that consumes images (C, H, W), not {example_shape}")
+            raise DataError(
+                f"{spec.source.value} data needs an encoder that consumes images (C, H, W), not {example_shape}"
+            )
         c, h, w = example_shape
-        return load_image_folder(spec, (c, h, w), classes, val_fraction=val_fraction, split_seed=split_seed)
+        load = load_image_folder if spec.source is DataSource.IMAGE_FOLDER else load_tar_shards
+        return load(spec, (c, h, w), classes, val_fraction=val_fraction, split_seed=split_seed)
     if spec.source is DataSource.FASHION_MNIST:
         x_raw, y = fashion_mnist_shard(spec)
         test: Split | None = None

@@ -13,17 +13,18 @@ measures (PSNR) to bf16.
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from mfed.learning.data import DataError, Split
-from mfed.learning.image_folder import ImageFolderSplit
+from mfed.learning.data import DataError, Examples, Split
 from mfed.learning.model import SiteModel
+from mfed.learning.tar_shards import TarShardSplit
 from mfed.learning.tasks import Task
 from mfed.seeding import derive_seed
 from mfed.spec import Regularizer
@@ -114,7 +115,7 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.
 def train_local(
     model: SiteModel,
     task: Task,
-    train: Split | ImageFolderSplit,
+    train: Examples,
     *,
     epochs: int,
     batch_size: int,
@@ -136,10 +137,16 @@ def train_local(
     total_steps = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
     sums = {"task": torch.zeros((), device=device), "regularizer": torch.zeros((), device=device)}
     steps = examples = 0
+    pin = device.type == "cuda"
     while steps < total_steps:
         # the epoch's order is drawn before its batches' augmentations, whatever the source
-        epoch = _batches(len(train), batch_size, generator)[: total_steps - steps]
-        for x, y in train.batches(epoch, pin=device.type == "cuda"):
+        source: Iterator[tuple[torch.Tensor, torch.Tensor]]
+        if isinstance(train, TarShardSplit):  # a stream: its own seeded shard order and buffer
+            epoch_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+            source = itertools.islice(train.stream(batch_size, epoch_seed, pin), total_steps - steps)
+        else:
+            source = train.batches(_batches(len(train), batch_size, generator)[: total_steps - steps], pin=pin)
+        for x, y in source:
             inputs, targets = task.train_pairs(x, y, generator)
             inputs = inputs.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
@@ -171,7 +178,7 @@ def train_local(
 def evaluate(
     model: SiteModel,
     task: Task,
-    split: Split | ImageFolderSplit,
+    split: Examples,
     *,
     device: torch.device,
     seed: int,
@@ -181,8 +188,13 @@ def evaluate(
     model.to(device).eval()
     if not isinstance(split, Split):  # decoded chunk by chunk, each chunk's transforms seeded
         total, count = torch.zeros((), device=device), 0
-        chunks = [torch.arange(i, min(i + batch_size, len(split))) for i in range(0, len(split), batch_size)]
-        for number, (x, y) in enumerate(split.batches(chunks)):
+        if isinstance(split, TarShardSplit):
+            stream = split.stream(batch_size, seed=None)  # in shard order, no shuffle
+        else:
+            stream = split.batches(
+                [torch.arange(i, min(i + batch_size, len(split))) for i in range(0, len(split), batch_size)]
+            )
+        for number, (x, y) in enumerate(stream):
             inputs, targets = task.eval_pairs(x, y, derive_seed(seed, "chunk", number))
             total += task.metric_sum(model(inputs.to(device)), targets.to(device))
             count += len(x)

@@ -34,12 +34,13 @@ from mfed.artifacts.tensorfile import (
     encode_tensors,
     sha256_hex,
 )
-from mfed.learning.data import DataError, SiteData, Split, check_inputs, load_site_data
+from mfed.learning.data import DataError, Examples, SiteData, check_inputs, load_site_data
 from mfed.learning.encoders import ArchError
 from mfed.learning.image_folder import ImageFolderSplit
 from mfed.learning.model import SiteModel, build_site_model, load_part, part_state, signature
 from mfed.learning.protection import prefers_shared
 from mfed.learning.shapes import ShapeError
+from mfed.learning.tar_shards import TarShardSplit
 from mfed.learning.tasks import TaskError
 from mfed.learning.train import (
     Objective,
@@ -148,7 +149,7 @@ def load_site_splits(
 
 
 def _load_for(spec: RoundSpec, storage: Storage) -> SiteData:
-    if spec.data.source is not DataSource.IMAGE_FOLDER:
+    if spec.data.source not in (DataSource.IMAGE_FOLDER, DataSource.TAR_SHARDS):
         return load_site_splits(spec.data, spec.site, spec.training.val_fraction, storage)
     model, task = build_site_model(spec.encoder, spec.task, spec.decoder)
     return load_site_splits(
@@ -349,7 +350,7 @@ def _run(
     decoder_bytes = encode_tensors(decoder)
     # The site's traffic this round, for the report (the manifest's own few kB not counted).
     metrics["upload_bytes"] = float(len(delta_bytes) + len(decoder_bytes))
-    if isinstance(data.train, ImageFolderSplit):  # skipped (onBadRecord: skip) across every split
+    if isinstance(data.train, (ImageFolderSplit, TarShardSplit)):  # skipped (onBadRecord: skip), all splits
         metrics["bad_records_skipped"] = float(len(data.train.bad.seen))
     manifest = ContributionManifest(
         federation=spec.federation,
@@ -411,7 +412,7 @@ def _train_shared_track(
     return delta, decoder
 
 
-def _eval_split(data: SiteData, spec: RoundSpec) -> tuple[Split | ImageFolderSplit, int]:
+def _eval_split(data: SiteData, spec: RoundSpec) -> tuple[Examples, int]:
     """The split both the federated and the Local model are scored on (test, else validation),
     with its evaluation seed."""
     if data.test is not None:

@@ -46,3 +46,11 @@ def test_an_image_folder_on_a_claim_reaches_the_trainer_with_its_settings():
 def test_bad_data_settings_are_refused_naming_the_field(pvc, field):
     with pytest.raises(ResourceError, match=field.replace(".", r"\.")):
         site("plant-c", data={"pvc": pvc})
+
+
+def test_tar_shards_on_a_claim_reach_the_trainer_and_take_no_index():
+    pvc = {"claimName": "c", "path": "shards", "format": "tar-shards", "onBadRecord": "skip", "maxBadRecords": 3}
+    spec = data_spec(site("plant-d", data={"pvc": pvc}))
+    assert (spec.source, spec.uri, spec.max_bad_records) == (DataSource.TAR_SHARDS, f"{PVC_MOUNT}/shards", 3)
+    with pytest.raises(ResourceError, match=r"spec\.data\.pvc\.index"):
+        site("plant-e", data={"pvc": {**pvc, "index": "x.csv"}})

@@ -134,9 +134,9 @@ def data_spec(site: SiteTaskView) -> DataSpec:
         )
     if d.kind is DataKind.S3:
         return DataSpec(source=DataSource.NPZ, uri=d.uri, test_uri=d.test_uri)
-    if d.format == "image-folder":
+    if d.format in ("image-folder", "tar-shards"):
         return DataSpec(
-            source=DataSource.IMAGE_FOLDER,
+            source=DataSource(d.format),
             uri=f"{PVC_MOUNT}/{d.path}",
             test_uri=f"{PVC_MOUNT}/{d.test_path}" if d.test_path else None,
             index=d.index,

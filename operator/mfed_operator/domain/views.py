@@ -201,12 +201,14 @@ def _site_data(f: Fields) -> SiteData:
     path = d.str("path")
     if path.startswith("/") or ".." in path:
         raise FieldError(f"{d.path}.path", "must be a relative path inside the volume without '..'")
-    data_format = d.str("format", "npz", choices=["npz", "image-folder"])
-    folder_only = [k for k in ("index", "onBadRecord", "maxBadRecords", "loaderWorkers") if d.has(k)]
-    if folder_only and data_format != "image-folder":
+    data_format = d.str("format", "npz", choices=["npz", "image-folder", "tar-shards"])
+    streamed_only = [k for k in ("onBadRecord", "maxBadRecords", "loaderWorkers") if d.has(k)]
+    if streamed_only and data_format == "npz":
         raise FieldError(
-            f"{d.path}.{folder_only[0]}", "applies to format: image-folder only; set the format or drop it"
+            f"{d.path}.{streamed_only[0]}", "applies to format image-folder or tar-shards; set the format or drop it"
         )
+    if d.has("index") and data_format != "image-folder":
+        raise FieldError(f"{d.path}.index", "applies to format: image-folder only; set the format or drop it")
     folder_index = d.opt_str("index")
     if folder_index is not None and (folder_index.startswith("/") or ".." in folder_index):
         raise FieldError(f"{d.path}.index", "must be a path inside the image folder without '..'")

@@ -1,0 +1,235 @@
+"""A site's images as tar shards (the WebDataset layout): a directory of `*.tar` files, each
+holding samples as members that share a key, `<key>.png` (or .jpg/.jpeg) and `<key>.cls` (the
+integer target as text). Read as a stream, shard after shard: nothing of the data set is held
+but the shard names and the samples of one shuffle buffer per loader worker.
+
+Why tar shards, not Parquet: images stay the files they were (a shard is `tar cf` of a folder,
+readable by every tool), a shard is read front to back in one sequential pass (a PVC or an
+object store both stream that at full speed), and the standard library reads them (no Arrow).
+
+- Validation is a share of the SHARDS, chosen by a hash of (seed, shard name): no pass over the
+  data to choose it, and validation never reads a training shard. A data set of fewer shards
+  than 1/valFraction gets one validation shard; split the data into more shards for finer splits.
+- Shuffling is two-level and seeded: the training shards in a new order every epoch, dealt to
+  the loader workers in turn, and within each worker a buffer of `shuffle_buffer` samples drawn
+  at random. The same seed and the same number of workers give the same batches.
+- Every sample is checked where it is read (mfed.learning.image_folder.decode_image and the
+  target check), and a shard is checked as it is read: an empty shard, a truncated archive, an
+  image without its .cls target; the bad-record policy (fail / skip with a cap) is the image
+  folder's.
+- Counting a split's samples (the trainer plans its steps from it) reads the tar headers only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import tarfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mfed.learning.data import DataError, SiteData
+from mfed.learning.image_folder import IMAGE_SUFFIXES, BadRecords, OnBadRecord, decode_image
+from mfed.spec import DataSpec
+
+TARGET_SUFFIX = ".cls"
+Sample = tuple[np.ndarray | str, int, str]  # decoded image or the problem, target, "shard:key"
+
+
+def list_shards(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise DataError(f"{root}: the shard directory does not exist or is not a directory")
+    shards = sorted(p for p in root.iterdir() if p.suffix == ".tar" and p.is_file())
+    if not shards:
+        raise DataError(f"{root}: no .tar shards; write the samples as <key>.png + <key>.cls members of .tar files")
+    return shards
+
+
+def validation_shards(shards: Sequence[Path], seed: int, fraction: float) -> set[Path]:
+    """The shards whose hash of (seed, name) ranks in the lowest `fraction` (at least one, never all)."""
+    if len(shards) < 2:
+        raise DataError(f"{len(shards)} shard cannot be split into training and validation; write at least 2")
+    ranked = sorted(shards, key=lambda p: hashlib.blake2b(f"{seed}:{p.name}".encode(), digest_size=8).digest())
+    count = min(len(shards) - 1, max(1, round(len(shards) * fraction)))
+    return set(ranked[:count])
+
+
+def _samples(shard: Path, classes: int | None) -> Iterator[tuple[str, bytes | None, int | None, str | None]]:
+    """(key, image bytes, target, problem) per sample of one shard, in archive order; a problem
+    with no key is the shard's own (empty, truncated, unreadable)."""
+    seen = 0
+    pending: dict[str, dict[str, bytes]] = {}
+    ending = _end_marker_problem(shard)
+    if ending is not None:  # the whole shard is refused: a cut archive may end inside a sample
+        yield ("", None, None, ending)
+        return
+    try:
+        with tarfile.open(shard, mode="r|") as archive:  # a stream: never seeks back
+            for member in archive:
+                if not member.isfile():
+                    continue
+                stem, dot, suffix = member.name.rpartition(".")
+                if not dot:
+                    continue
+                handle = archive.extractfile(member)
+                data = handle.read() if handle is not None else b""
+                parts = pending.setdefault(stem, {})
+                parts["." + suffix.lower()] = data
+                image = next((parts[s] for s in IMAGE_SUFFIXES if s in parts), None)
+                if image is not None and TARGET_SUFFIX in parts:
+                    seen += 1
+                    del pending[stem]
+                    yield (stem, image, *_target(parts[TARGET_SUFFIX], classes))
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        yield ("", None, None, f"truncated or unreadable archive after {seen} samples: {exc}")
+        return
+    for stem, parts in sorted(pending.items()):
+        has_image = any(s in parts for s in IMAGE_SUFFIXES)
+        missing = f"no {TARGET_SUFFIX} target" if has_image else "a target without an image"
+        yield (stem, None, None, missing)
+    if seen == 0 and not pending:
+        yield ("", None, None, "empty shard (no samples)")
+
+
+def _end_marker_problem(shard: Path) -> str | None:
+    """A complete archive ends with two zero blocks, on a 512-byte boundary (tar and tarfile both
+    write them); Python's reader stops quietly where a cut archive ends, so look before reading."""
+    try:
+        size = shard.stat().st_size
+        with shard.open("rb") as handle:
+            handle.seek(max(0, size - 1024))
+            tail = handle.read(1024)
+    except OSError as exc:
+        return f"unreadable archive: {exc}"
+    if size == 0 or size % 512 or len(tail) < 1024 or tail.strip(b"\0"):
+        return f"truncated archive: {size} bytes without the end-of-archive blocks (copy the shard again)"
+    return None
+
+
+def _target(text: bytes, classes: int | None) -> tuple[int | None, str | None]:
+    try:
+        target = int(text.decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        return None, f"target {text[:20]!r} is not an integer class"
+    if classes is not None and not 0 <= target < classes:
+        return None, f"target {target} is outside the task's classes 0..{classes - 1}"
+    return target, None
+
+
+def count_samples(shards: Sequence[Path]) -> int:
+    """Samples (image members) of the shards, from the tar headers alone (seeks over payloads)."""
+    total = 0
+    for shard in shards:
+        try:
+            with tarfile.open(shard, mode="r") as archive:
+                total += sum(1 for m in archive.getmembers() if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES))
+        except (tarfile.TarError, OSError, EOFError):
+            continue  # reported, by name, when the shard is read
+    return total
+
+
+class _ShardStream(torch.utils.data.IterableDataset[Sample]):
+    def __init__(
+        self, shards: Sequence[Path], shape: tuple[int, int, int], classes: int | None, seed: int, buffer: int
+    ) -> None:
+        self.shards, self.shape, self.classes, self.seed, self.buffer = list(shards), shape, classes, seed, buffer
+
+    def __iter__(self) -> Iterator[Sample]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        mine = self.shards[worker::workers]
+        rng = random.Random(f"{self.seed}:{worker}")
+        pool: list[Sample] = []
+        for shard in mine:
+            for key, image, target, problem in _samples(shard, self.classes):
+                where = f"{shard.name}:{key}" if key else shard.name
+                if problem is not None or image is None or target is None:
+                    item: Sample = (problem or "unreadable sample", -1, where)
+                else:
+                    item = (decode_image(image, self.shape, where), target, where)
+                if self.buffer <= 1:
+                    yield item
+                    continue
+                pool.append(item)
+                if len(pool) >= self.buffer:
+                    yield pool.pop(rng.randrange(len(pool)))
+        rng.shuffle(pool)
+        yield from pool
+
+
+def _keep_all(batch: list[Sample]) -> list[Sample]:
+    return batch
+
+
+class TarShardSplit:
+    """One split of a shard directory: the shards, read as a stream (the trainer's batch source)."""
+
+    def __init__(
+        self,
+        shards: Sequence[Path],
+        shape: tuple[int, int, int],
+        classes: int | None,
+        bad: BadRecords,
+        *,
+        loader_workers: int = 2,
+        shuffle_buffer: int = 1000,
+    ) -> None:
+        self.shards, self.shape, self.classes, self.bad = list(shards), shape, classes, bad
+        self.loader_workers, self.shuffle_buffer = loader_workers, shuffle_buffer
+        self.size = count_samples(self.shards)
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    @property
+    def example_dtype(self) -> str:
+        return "float32"
+
+    def stream(
+        self, batch_size: int, seed: int | None, pin: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass in batches: shuffled with `seed` (shard order and buffer), in order with None."""
+        shards = list(self.shards)
+        if seed is not None:
+            random.Random(seed).shuffle(shards)
+        workers = min(self.loader_workers, len(shards))
+        loader = torch.utils.data.DataLoader(
+            _ShardStream(shards, self.shape, self.classes, seed or 0, self.shuffle_buffer if seed is not None else 0),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=_keep_all,
+        )
+        for batch in loader:
+            images, targets = [], []
+            for image, target, where in batch:
+                if isinstance(image, str):
+                    self.bad.record(where, image)
+                    continue
+                images.append(image)
+                targets.append(target)
+            if images:
+                x, y = torch.from_numpy(np.stack(images)), torch.tensor(targets, dtype=torch.int64)
+                yield (x.pin_memory(), y.pin_memory()) if pin else (x, y)
+
+
+def load_tar_shards(
+    spec: DataSpec, shape: tuple[int, int, int], classes: int | None, *, val_fraction: float, split_seed: int
+) -> SiteData:
+    """The site's splits from the shards under `spec.uri` (validation: a share of the shards);
+    `spec.test_uri`, when set, is a second shard directory."""
+    assert spec.uri is not None  # DataSpec guarantees it
+    bad = BadRecords(policy=OnBadRecord(spec.on_bad_record), limit=spec.max_bad_records)
+    shards = list_shards(Path(spec.uri))
+    val = validation_shards(shards, split_seed, val_fraction)
+    options = {"loader_workers": spec.loader_workers}
+    train = TarShardSplit([s for s in shards if s not in val], shape, classes, bad, **options)
+    validation = TarShardSplit(sorted(val), shape, classes, bad, **options)
+    test = TarShardSplit(list_shards(Path(spec.test_uri)), shape, classes, bad, **options) if spec.test_uri else None
+    return SiteData(train=train, val=validation, test=test)

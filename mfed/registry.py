@@ -6,7 +6,7 @@ A plugin is a Python distribution that declares entry points; nothing is forked 
     patch_net = "my_package.encoders:patch_net"
 
 Every kind is one `Kind` (a name for messages, an entry point group, the built-ins) in `KINDS`;
-adding a kind, e.g. data sets under `mfed.datasets`, is one line there plus the code that calls
+data set readers (`mfed.datasets`) are one too, called by mfed.learning.data through
 `load("dataset", name)`. The pilot, the trainer Job and the operator's checks all resolve names
 here, so they agree on what a name means.
 
@@ -66,6 +66,17 @@ KINDS: dict[str, Kind] = {
                 "denoise": "mfed.learning.tasks:Denoise",
                 "reconstruction": "mfed.learning.tasks:Reconstruction",
                 "regression": "mfed.learning.tasks:Regression",
+            },
+        ),
+        # Readers of a site's data: (spec, example shape, classes, *, val_fraction, split_seed) ->
+        # SiteData; `spec.data.pvc.format` names one (npz is read by mfed.learning.data itself).
+        Kind(
+            "dataset",
+            "mfed.datasets",
+            label="data set format",
+            builtins={
+                "image-folder": "mfed.learning.image_folder:load_image_folder",
+                "tar-shards": "mfed.learning.tar_shards:load_tar_shards",
             },
         ),
     )

@@ -273,6 +273,7 @@ class DataSource(StrEnum):
     NPZ = "npz"  # a site's own data: arrays x (images) and y (labels/targets)
     IMAGE_FOLDER = "image-folder"  # a directory of PNG/JPEG files: class sub-folders or an index
     TAR_SHARDS = "tar-shards"  # a directory of .tar shards of <key>.png + <key>.cls (WebDataset layout)
+    PLUGIN = "plugin"  # a reader of the `mfed.datasets` entry points, named by `dataset`
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -293,11 +294,16 @@ class DataSpec:
     on_bad_record: str = "fail"
     max_bad_records: int = 0
     loader_workers: int = 2
+    # plugin: the `mfed.datasets` entry point that reads `uri`, and its parameters
+    dataset: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.shard_count < 1 or not 0 <= self.shard_index < self.shard_count:
             raise SpecError("data.shard", f"index {self.shard_index} is not in [0, {self.shard_count})")
         streamed = self.source in (DataSource.IMAGE_FOLDER, DataSource.TAR_SHARDS)
+        if (self.source is DataSource.PLUGIN) != (self.dataset is not None):
+            raise SpecError("data.dataset", "names the mfed.datasets reader of plugin data, and only of plugin data")
         if (self.source is DataSource.NPZ or streamed) and not self.uri:
             raise SpecError("data.uri", f"is required for {self.source.value} data: where the site's data is")
         if streamed and self.uri and self.uri.startswith("s3://"):
@@ -327,6 +333,8 @@ class DataSpec:
                 "onBadRecord",
                 "maxBadRecords",
                 "loaderWorkers",
+                "dataset",
+                "params",
             ]
         )
         return cls(
@@ -342,6 +350,8 @@ class DataSpec:
             on_bad_record=f.str("onBadRecord", "fail", choices=["fail", "skip"]),
             max_bad_records=f.int("maxBadRecords", 0, minimum=0),
             loader_workers=f.int("loaderWorkers", 2, minimum=0),
+            dataset=f.opt_str("dataset"),
+            params=f.mapping("params"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -363,9 +373,10 @@ class DataSpec:
                     "maxBadRecords": self.max_bad_records,
                     "loaderWorkers": self.loader_workers,
                 }
-                if self.source in (DataSource.IMAGE_FOLDER, DataSource.TAR_SHARDS)
+                if self.source in (DataSource.IMAGE_FOLDER, DataSource.TAR_SHARDS, DataSource.PLUGIN)
                 else {}
             ),
+            **({"dataset": self.dataset, "params": dict(self.params)} if self.source is DataSource.PLUGIN else {}),
         }
 
 

@@ -209,17 +209,19 @@ def load_site_data(
     """Build a site's train/val/test splits. `read` fetches npz bytes from a path or s3:// URI;
     an image folder needs the encoder's `example_shape` (C, H, W) and the task's `classes`
     (None: targets are not classes) to check each file against."""
-    if spec.source in (DataSource.IMAGE_FOLDER, DataSource.TAR_SHARDS):
-        from mfed.learning.image_folder import load_image_folder
-        from mfed.learning.tar_shards import load_tar_shards
+    if spec.source in (DataSource.IMAGE_FOLDER, DataSource.TAR_SHARDS, DataSource.PLUGIN):
+        from mfed import registry
 
-        if example_shape is None or len(example_shape) != 3:
-            raise DataError(
-                f"{spec.source.value} data needs an encoder that consumes images (C, H, W), not {example_shape}"
-            )
-        c, h, w = example_shape
-        load = load_image_folder if spec.source is DataSource.IMAGE_FOLDER else load_tar_shards
-        return load(spec, (c, h, w), classes, val_fraction=val_fraction, split_seed=split_seed)
+        name = spec.dataset if spec.source is DataSource.PLUGIN else spec.source.value
+        assert name is not None  # DataSpec guarantees it for plugin data
+        reader = registry.load("dataset", name)  # built-in image-folder / tar-shards, or an entry point
+        if spec.source is not DataSource.PLUGIN and (example_shape is None or len(example_shape) != 3):
+            what = spec.source.value
+            raise DataError(f"{what} data needs an encoder that consumes images (C, H, W), not {example_shape}")
+        data = reader(spec, example_shape, classes, val_fraction=val_fraction, split_seed=split_seed)
+        if not isinstance(data, SiteData):
+            raise DataError(f"the data set reader {name!r} returned {type(data).__name__}, not mfed SiteData")
+        return data
     if spec.source is DataSource.FASHION_MNIST:
         x_raw, y = fashion_mnist_shard(spec)
         test: Split | None = None

@@ -149,7 +149,7 @@ def load_site_splits(
 
 
 def _load_for(spec: RoundSpec, storage: Storage) -> SiteData:
-    if spec.data.source not in (DataSource.IMAGE_FOLDER, DataSource.TAR_SHARDS):
+    if spec.data.source not in (DataSource.IMAGE_FOLDER, DataSource.TAR_SHARDS, DataSource.PLUGIN):
         return load_site_splits(spec.data, spec.site, spec.training.val_fraction, storage)
     model, task = build_site_model(spec.encoder, spec.task, spec.decoder)
     return load_site_splits(

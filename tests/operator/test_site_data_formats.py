@@ -54,3 +54,19 @@ def test_tar_shards_on_a_claim_reach_the_trainer_and_take_no_index():
     assert (spec.source, spec.uri, spec.max_bad_records) == (DataSource.TAR_SHARDS, f"{PVC_MOUNT}/shards", 3)
     with pytest.raises(ResourceError, match=r"spec\.data\.pvc\.index"):
         site("plant-e", data={"pvc": {**pvc, "index": "x.csv"}})
+
+
+def test_a_reader_the_operator_does_not_know_stops_the_round_before_any_job():
+    from mfed_operator.domain.validation import check_plugins
+
+    from mfed.registry import builtin_catalog
+    from tests.operator.builders import round_view
+
+    reader = {"claimName": "c", "path": "d", "format": "plugin", "dataset": "parquet-rows", "params": {"k": 1}}
+    sites = [site("plant-f", data={"pvc": reader})]
+    assert data_spec(sites[0]).params == {"k": 1}
+    problems = check_plugins(round_view(), sites, builtin_catalog())
+    assert len(problems) == 1 and "spec.data.pvc.dataset" in problems[0].message
+    assert problems[0].reason == "UnknownDataSetFormat" and "tar-shards" in problems[0].message
+    fine = {"claimName": "c", "path": "d", "format": "plugin", "dataset": "tar-shards"}
+    assert check_plugins(round_view(), [site("plant-g", data={"pvc": fine})], builtin_catalog()) == []

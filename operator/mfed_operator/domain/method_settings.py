@@ -134,9 +134,11 @@ def data_spec(site: SiteTaskView) -> DataSpec:
         )
     if d.kind is DataKind.S3:
         return DataSpec(source=DataSource.NPZ, uri=d.uri, test_uri=d.test_uri)
-    if d.format in ("image-folder", "tar-shards"):
+    if d.format in ("image-folder", "tar-shards", "plugin"):
         return DataSpec(
             source=DataSource(d.format),
+            dataset=d.dataset,
+            params=dict(d.params),
             uri=f"{PVC_MOUNT}/{d.path}",
             test_uri=f"{PVC_MOUNT}/{d.test_path}" if d.test_path else None,
             index=d.index,

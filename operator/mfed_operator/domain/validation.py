@@ -193,6 +193,8 @@ def check_plugins(r: RoundView, sites: Sequence[SiteTaskView], plugins: Catalog)
     for site in sorted(sites, key=lambda s: s.name):
         uses.append(("decoder", site.decoder.name, f"SiteTask {site.name} spec.decoder.name"))
         uses.append(("task", site.task_type, f"SiteTask {site.name} spec.task.type"))
+        if site.data.dataset is not None:
+            uses.append(("dataset", site.data.dataset, f"SiteTask {site.name} spec.data.pvc.dataset"))
     problems: list[Problem] = []
     seen: set[tuple[str, str]] = set()
     for kind, name, where in uses:

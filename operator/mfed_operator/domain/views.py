@@ -62,6 +62,8 @@ class SiteData:
     on_bad_record: str = "fail"
     max_bad_records: int = 0
     loader_workers: int = 2
+    dataset: str | None = None  # format plugin: the mfed.datasets entry point, and its parameters
+    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -201,7 +203,9 @@ def _site_data(f: Fields) -> SiteData:
     path = d.str("path")
     if path.startswith("/") or ".." in path:
         raise FieldError(f"{d.path}.path", "must be a relative path inside the volume without '..'")
-    data_format = d.str("format", "npz", choices=["npz", "image-folder", "tar-shards"])
+    data_format = d.str("format", "npz", choices=["npz", "image-folder", "tar-shards", "plugin"])
+    if (data_format == "plugin") != d.has("dataset"):
+        raise FieldError(f"{d.path}.dataset", "names the mfed.datasets reader of format: plugin (and only of it)")
     streamed_only = [k for k in ("onBadRecord", "maxBadRecords", "loaderWorkers") if d.has(k)]
     if streamed_only and data_format == "npz":
         raise FieldError(
@@ -222,6 +226,8 @@ def _site_data(f: Fields) -> SiteData:
         on_bad_record=d.str("onBadRecord", "fail", choices=["fail", "skip"]),
         max_bad_records=d.int("maxBadRecords", 0, minimum=0),
         loader_workers=d.int("loaderWorkers", 2, minimum=0),
+        dataset=d.opt_str("dataset"),
+        params=d.mapping("params"),
     )
 
 

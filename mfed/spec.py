@@ -9,6 +9,7 @@ so the operator (no torch) and the trainer agree by construction.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -276,6 +277,47 @@ class DataSource(StrEnum):
     PLUGIN = "plugin"  # a reader of the `mfed.datasets` entry points, named by `dataset`
 
 
+AUGMENT_FLIPS = ("horizontal", "vertical", "both")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AugmentSpec:
+    """Per-site augmentation of training batches (mfed.learning.augment); none by default."""
+
+    flip: str | None = None  # mirror each image with probability 1/2: left-right, up-down, or either
+    shift: int = 0  # translate each image by up to this many pixels each way (zeros come in)
+    brightness: float = 0.0  # scale each image by a factor from [1 - b, 1 + b], clipped to [0, 1]
+    noise: float = 0.0  # add Gaussian noise of this standard deviation (images: clipped to [0, 1])
+
+    def __post_init__(self) -> None:
+        if self.flip is not None and self.flip not in AUGMENT_FLIPS:
+            raise SpecError("data.augment.flip", f"is {self.flip!r}; use {', '.join(AUGMENT_FLIPS)}")
+        if self.shift < 0:
+            raise SpecError("data.augment.shift", "must be 0 or more pixels")
+        if not (math.isfinite(self.brightness) and 0 <= self.brightness < 1):
+            raise SpecError("data.augment.brightness", "must be in [0, 1)")
+        if not (math.isfinite(self.noise) and self.noise >= 0):
+            raise SpecError("data.augment.noise", "must be 0 or more")
+
+    @property
+    def active(self) -> bool:
+        return self.flip is not None or self.shift > 0 or self.brightness > 0 or self.noise > 0
+
+    @classmethod
+    def parse(cls, f: Fields) -> AugmentSpec:
+        f.reject_unknown(["flip", "shift", "brightness", "noise"])
+        return cls(
+            flip=f.opt_str("flip"),
+            shift=f.int("shift", 0, minimum=0),
+            brightness=f.float("brightness", 0.0, minimum=0) if f.has("brightness") else 0.0,
+            noise=f.float("noise", 0.0, minimum=0) if f.has("noise") else 0.0,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {"flip": self.flip, "shift": self.shift, "brightness": self.brightness, "noise": self.noise}
+        return {k: v for k, v in values.items() if v}
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataSpec:
     """Where a site's private data is. Shards of the demo set are disjoint across sites."""
@@ -297,6 +339,7 @@ class DataSpec:
     # plugin: the `mfed.datasets` entry point that reads `uri`, and its parameters
     dataset: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
+    augment: AugmentSpec = AugmentSpec()  # training batches only
 
     def __post_init__(self) -> None:
         if self.shard_count < 1 or not 0 <= self.shard_index < self.shard_count:
@@ -335,6 +378,7 @@ class DataSpec:
                 "loaderWorkers",
                 "dataset",
                 "params",
+                "augment",
             ]
         )
         return cls(
@@ -352,6 +396,7 @@ class DataSpec:
             loader_workers=f.int("loaderWorkers", 2, minimum=0),
             dataset=f.opt_str("dataset"),
             params=f.mapping("params"),
+            augment=AugmentSpec.parse(f.obj("augment", required=False)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -377,6 +422,7 @@ class DataSpec:
                 else {}
             ),
             **({"dataset": self.dataset, "params": dict(self.params)} if self.source is DataSource.PLUGIN else {}),
+            **({"augment": self.augment.to_dict()} if self.augment.active else {}),
         }
 
 

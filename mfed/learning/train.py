@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from mfed.learning.augment import augment as augment_batch
 from mfed.learning.data import DataError, Examples, Split
 from mfed.learning.model import SiteModel
 from mfed.learning.tar_shards import TarShardSplit
 from mfed.learning.tasks import Task
 from mfed.seeding import derive_seed
-from mfed.spec import Regularizer
+from mfed.spec import AugmentSpec, Regularizer
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps total)
 
@@ -125,7 +126,10 @@ def train_local(
     seed: int,
     max_steps: int | None = None,
     progress: ProgressCallback | None = None,
+    augment: AugmentSpec | None = None,
 ) -> TrainStats:
+    """Train `max_steps` (at most `epochs` passes); `augment` transforms each training batch
+    (never validation or test data: evaluate() has no such argument)."""
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -147,6 +151,8 @@ def train_local(
         else:
             source = train.batches(_batches(len(train), batch_size, generator)[: total_steps - steps], pin=pin)
         for x, y in source:
+            if augment is not None and augment.active:
+                x = augment_batch(x, augment, generator)
             inputs, targets = task.train_pairs(x, y, generator)
             inputs = inputs.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)

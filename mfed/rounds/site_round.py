@@ -34,6 +34,7 @@ from mfed.artifacts.tensorfile import (
     encode_tensors,
     sha256_hex,
 )
+from mfed.learning.augment import check_augment
 from mfed.learning.data import DataError, Examples, SiteData, check_inputs, load_site_data
 from mfed.learning.encoders import ArchError
 from mfed.learning.image_folder import ImageFolderSplit
@@ -204,6 +205,7 @@ def _prepare(spec: RoundSpec, storage: Storage, data: SiteData | None) -> StartS
         raise BadInput(f"{exc}{_install_hint(global_manifest.plugins)}") from exc
     if data is not None:
         check_inputs(data, model.input_spec.shape, model.input_spec.dtype, spec.encoder.name)
+        check_augment(spec.data.augment, data.train.example_shape)
     global_manifest.encoder_signature.require_equal(signature(model, "encoder"), "encoder")
     info.decoder_signature.require_equal(signature(model, "decoder"), "decoder")
     return assemble_start(spec, storage, data, global_manifest, info, global_tensors, model, task)
@@ -298,6 +300,7 @@ def _run(
             seed=track_seed,
             max_steps=track_steps,
             progress=progress,
+            augment=spec.data.augment,
         )
 
     baseline_start = copy.deepcopy(model) if spec.local_baseline is not None else None

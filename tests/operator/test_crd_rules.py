@@ -103,6 +103,7 @@ CASES = [
     Case("pvc test path with ..", ST, _set("spec.data", {"pvc": {"claimName": "c", "path": "a.npz", "testPath": "../t.npz"}}), "spec.data.pvc.testPath", "spec.data.pvc.testPath must stay inside the volume"),
     Case("index outside the image folder", ST, _set("spec.data", {"pvc": {"claimName": "c", "path": "img", "format": "image-folder", "index": "../x.csv"}}), "spec.data.pvc.index", "must stay inside the image folder"),
     Case("an index for an .npz", ST, _set("spec.data", {"pvc": {"claimName": "c", "path": "a.npz", "index": "x.csv"}}), "spec.data.pvc", "spec.data.pvc.index applies to format image-folder only"),
+    Case("a typo'd flip", ST, _set("spec.data.augment", {"flip": "sideways"}), "spec.data.augment.flip", "'sideways' is not one of"),
     Case("a plugin format without its reader", ST, _set("spec.data", {"pvc": {"claimName": "c", "path": "d", "format": "plugin"}}), "spec.data.pvc", "spec.data.pvc.dataset names the mfed.datasets reader"),
     Case("skipping bad records of an .npz", ST, _set("spec.data", {"pvc": {"claimName": "c", "path": "a.npz", "onBadRecord": "skip"}}), "spec.data.pvc", "apply to format image-folder or tar-shards"),
     Case("env sets MFED_SPEC", ST, _set("spec.env", [{"name": "MFED_SPEC", "value": "{}"}]), "spec.env", "must not set MFED_SPEC, MFED_S3_* or AWS_*"),

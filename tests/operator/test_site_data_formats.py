@@ -70,3 +70,10 @@ def test_a_reader_the_operator_does_not_know_stops_the_round_before_any_job():
     assert problems[0].reason == "UnknownDataSetFormat" and "tar-shards" in problems[0].message
     fine = {"claimName": "c", "path": "d", "format": "plugin", "dataset": "tar-shards"}
     assert check_plugins(round_view(), [site("plant-g", data={"pvc": fine})], builtin_catalog()) == []
+
+
+def test_augmentation_reaches_the_trainer_for_any_source_and_bad_settings_name_the_field():
+    spec = data_spec(site("plant-h", data={"demo": {"shardIndex": 0, "shardCount": 2}, "augment": {"flip": "both"}}))
+    assert spec.augment.flip == "both" and spec.source is DataSource.FASHION_MNIST
+    with pytest.raises(ResourceError, match=r"spec\.data\.augment\.brightness"):
+        site("plant-i", data={"demo": {"shardIndex": 0, "shardCount": 2}, "augment": {"brightness": 2}})

@@ -125,6 +125,7 @@ def data_spec(site: SiteTaskView) -> DataSpec:
     if d.kind is DataKind.DEMO:
         default = DataSpec()
         return DataSpec(
+            augment=d.augment,
             source=DataSource.FASHION_MNIST,
             shard_index=d.shard_index,
             shard_count=d.shard_count,
@@ -133,9 +134,10 @@ def data_spec(site: SiteTaskView) -> DataSpec:
             test_samples=default.test_samples if d.test_samples is None else d.test_samples,
         )
     if d.kind is DataKind.S3:
-        return DataSpec(source=DataSource.NPZ, uri=d.uri, test_uri=d.test_uri)
+        return DataSpec(source=DataSource.NPZ, uri=d.uri, test_uri=d.test_uri, augment=d.augment)
     if d.format in ("image-folder", "tar-shards", "plugin"):
         return DataSpec(
+            augment=d.augment,
             source=DataSource(d.format),
             dataset=d.dataset,
             params=dict(d.params),
@@ -147,6 +149,7 @@ def data_spec(site: SiteTaskView) -> DataSpec:
             loader_workers=d.loader_workers,
         )
     return DataSpec(
+        augment=d.augment,
         source=DataSource.NPZ,
         uri=f"{PVC_MOUNT}/{d.path}",
         test_uri=f"{PVC_MOUNT}/{d.test_path}" if d.test_path else None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -19,7 +19,7 @@ from mfed.aggregation.robust import RobustRule, RobustSettings
 from mfed.fields import FieldError, Fields
 from mfed.methods import Method
 from mfed.privacy.settings import PrivacySettingError, PrivacySettings
-from mfed.spec import TASK_NAME, ArchSpec, SharingMode, SharingPolicy, SiteStrategy, SpecError
+from mfed.spec import TASK_NAME, ArchSpec, AugmentSpec, SharingMode, SharingPolicy, SiteStrategy, SpecError
 from mfed_operator.domain.selectors import LabelSelector
 
 FEDERATION_NAME_MAX = 63
@@ -64,6 +64,7 @@ class SiteData:
     loader_workers: int = 2
     dataset: str | None = None  # format plugin: the mfed.datasets entry point, and its parameters
     params: Mapping[str, Any] = field(default_factory=dict)
+    augment: AugmentSpec = AugmentSpec()  # spec.data.augment: training batches only, any source
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,6 +183,15 @@ def _site_data(f: Fields) -> SiteData:
     if len(present) != 1:
         raise FieldError(f.path, "set exactly one of demo, s3 or pvc")
     kind = DataKind(present[0])
+    try:
+        augment = AugmentSpec.parse(f.obj("augment", required=False))
+    except SpecError as exc:  # its checks name the trainer's field, data.augment.*
+        path = exc.path if exc.path.startswith("spec.") else f"spec.{exc.path}"
+        raise FieldError(path, exc.message) from None
+    return replace(_site_data_source(f, kind), augment=augment)
+
+
+def _site_data_source(f: Fields, kind: DataKind) -> SiteData:
     d = f.obj(kind.value)
     if kind is DataKind.DEMO:
         index, count = d.int("shardIndex", minimum=0), d.int("shardCount", minimum=1)

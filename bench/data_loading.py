@@ -7,7 +7,8 @@ real), then runs, each in a fresh process so neither inflates the other's memory
   npz     the in-memory path on a subset that fits (--subset images, read whole, as today's
           .npz sites are), `--steps` optimizer steps: images/s;
   folder  the streaming path (mfed.learning.image_folder, --workers decoding processes) over
-          EVERY file of the folder, one epoch: images/s, and the peak memory of the trainer and
+          the WHOLE folder (every file listed and shuffled in; `--steps` batches drawn from all
+          of them, --epoch for a full pass): images/s, and the peak memory of the trainer and
           its loader workers together, sampled from /proc every 50 ms as the sum of their PSS
           (proportional set size: a page the forked workers share with the trainer counts once
           in total, as a container's memory cgroup counts it; summing RSS would count torch's
@@ -130,7 +131,7 @@ def child(mode: str, args: argparse.Namespace) -> None:
         steps = args.steps
     else:
         train = ImageFolderSplit(args.cache, records, (1, SIZE, SIZE), BadRecords(), loader_workers=args.workers)
-        steps = -(-files // args.batch)  # the whole folder, once
+        steps = -(-files // args.batch) if args.epoch else args.steps  # --epoch: every file, once
     del records  # what the streaming path keeps is in the split's arrays
     train_local(model, task, train, seed=0, max_steps=3, **common)  # warm-up
     started = time.perf_counter()
@@ -149,7 +150,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="loader workers of the streaming path")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--subset", type=int, default=6000, help="images of the in-memory run")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of the in-memory run")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of each run")
+    parser.add_argument("--epoch", action="store_true", help="the folder run reads every file once")
     parser.add_argument("--cache", type=Path, default=Path("runs/bench-data/images"))
     parser.add_argument("--child", choices=["npz", "folder"], help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -205,9 +205,11 @@ def test_a_deleted_baseline_state_fails_the_site_with_its_reason_and_reports_no_
     assert status["phase"] == "Succeeded", status
     sites = {s["site"]: s for s in status["sites"]}
     assert sites["cls10-a"]["phase"] == "Failed", sites["cls10-a"]
-    # exit code 2 is bad input (no retry); the reason is in the trainer's log, which the status
-    # does not carry (the operator reads the Job's condition, not the pod's output)
-    assert "exit code 2" in sites["cls10-a"]["message"], sites["cls10-a"]
+    # exit code 2 is bad input (no retry); the trainer's reason, written beside its output, is the
+    # site's message (and its log has it too)
+    message = sites["cls10-a"]["message"]
+    assert sites["cls10-a"]["reason"] == "BadInput", sites["cls10-a"]
+    assert "Local baseline state of round 1" in message and "is missing" in message, message
     log = cluster.kubelet.logs(cluster.namespace, "fashion-mnist-r2-cls10-a")
     assert "Local baseline state of round 1" in log and "is missing" in log, log
     # The site without its baseline is in no number: cls10's comes from cls10-b alone.

@@ -309,8 +309,8 @@ class AugmentSpec:
         return cls(
             flip=f.opt_str("flip"),
             shift=f.int("shift", 0, minimum=0),
-            brightness=f.float("brightness", 0.0, minimum=0) if f.has("brightness") else 0.0,
-            noise=f.float("noise", 0.0, minimum=0) if f.has("noise") else 0.0,
+            brightness=f.float("brightness", 0.0, minimum=0),
+            noise=f.float("noise", 0.0, minimum=0),
         )
 
     def to_dict(self) -> dict[str, Any]:

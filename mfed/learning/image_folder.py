@@ -20,7 +20,7 @@ import csv
 import hashlib
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -53,6 +53,10 @@ class BadRecords:
     policy: OnBadRecord = OnBadRecord.FAIL
     limit: int = 0  # skip at most this many; one more fails the site
     seen: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_spec(cls, spec: DataSpec) -> BadRecords:
+        return cls(policy=OnBadRecord(spec.on_bad_record), limit=spec.max_bad_records)
 
     def record(self, key: str, problem: str) -> None:
         if self.policy is OnBadRecord.FAIL:
@@ -183,8 +187,29 @@ class _Decoded(torch.utils.data.Dataset[tuple[np.ndarray | str, int, str]]):
         return decode_image(data, self.shape, key), target, key
 
 
-def _keep_all(batch: list[tuple[np.ndarray | str, int, str]]) -> list[tuple[np.ndarray | str, int, str]]:
+Decoded = tuple[np.ndarray | str, int, str]  # the image or its problem, the target, where it came from
+
+
+def keep_all(batch: list[Decoded]) -> list[Decoded]:
     return batch  # decoded in the worker, judged in the trainer (where the policy and its count live)
+
+
+def judged_batches(
+    loader: Iterable[list[Decoded]], bad: BadRecords, pin: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's batches as (inputs, targets), each bad record judged by the policy (fail
+    raises DataError, skip leaves it out of its batch; a batch left empty is dropped)."""
+    for batch in loader:
+        images, targets = [], []
+        for image, target, where in batch:
+            if isinstance(image, str):
+                bad.record(where, image)
+                continue
+            images.append(image)
+            targets.append(target)
+        if images:
+            x, y = torch.from_numpy(np.stack(images)), torch.tensor(targets, dtype=torch.int64)
+            yield (x.pin_memory(), y.pin_memory()) if pin else (x, y)
 
 
 class ImageFolderSplit:
@@ -231,19 +256,9 @@ class ImageFolderSplit:
             _Decoded(self.root, self.keys, self.targets, self.shape),
             batch_sampler=[index.tolist() for index in indices],
             num_workers=self.loader_workers,
-            collate_fn=_keep_all,
+            collate_fn=keep_all,
         )
-        for batch in loader:
-            images, targets = [], []
-            for image, target, key in batch:
-                if isinstance(image, str):
-                    self.bad.record(key, image)
-                    continue
-                images.append(image)
-                targets.append(target)
-            if images:
-                x, y = torch.from_numpy(np.stack(images)), torch.tensor(targets, dtype=torch.int64)
-                yield (x.pin_memory(), y.pin_memory()) if pin else (x, y)
+        yield from judged_batches(loader, self.bad, pin)
 
 
 def load_image_folder(
@@ -252,7 +267,7 @@ def load_image_folder(
     """The site's splits from `spec.uri` (class sub-folders, or `spec.index`), validation chosen
     per file (in_validation); `spec.test_uri`, when set, is a second folder of the same layout."""
     assert spec.uri is not None  # DataSpec guarantees it
-    bad = BadRecords(policy=OnBadRecord(spec.on_bad_record), limit=spec.max_bad_records)
+    bad = BadRecords.from_spec(spec)
     root = Path(spec.uri)
     records = _records(root, spec.index, classes, bad)
     val = [r for r in records if in_validation(r.key, split_seed, val_fraction)]

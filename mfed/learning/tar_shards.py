@@ -28,15 +28,14 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mfed.learning.data import DataError, SiteData
-from mfed.learning.image_folder import IMAGE_SUFFIXES, BadRecords, OnBadRecord, decode_image
+from mfed.learning.image_folder import IMAGE_SUFFIXES, BadRecords, Decoded, decode_image, judged_batches, keep_all
 from mfed.spec import DataSpec
 
 TARGET_SUFFIX = ".cls"
-Sample = tuple[np.ndarray | str, int, str]  # decoded image or the problem, target, "shard:key"
+Sample = Decoded  # the decoded image or its problem, the target, "shard:key"
 
 
 def list_shards(root: Path) -> list[Path]:
@@ -160,10 +159,6 @@ class _ShardStream(torch.utils.data.IterableDataset[Sample]):
         yield from pool
 
 
-def _keep_all(batch: list[Sample]) -> list[Sample]:
-    return batch
-
-
 class TarShardSplit:
     """One split of a shard directory: the shards, read as a stream (the trainer's batch source)."""
 
@@ -204,19 +199,9 @@ class TarShardSplit:
             _ShardStream(shards, self.shape, self.classes, seed or 0, self.shuffle_buffer if seed is not None else 0),
             batch_size=batch_size,
             num_workers=workers,
-            collate_fn=_keep_all,
+            collate_fn=keep_all,
         )
-        for batch in loader:
-            images, targets = [], []
-            for image, target, where in batch:
-                if isinstance(image, str):
-                    self.bad.record(where, image)
-                    continue
-                images.append(image)
-                targets.append(target)
-            if images:
-                x, y = torch.from_numpy(np.stack(images)), torch.tensor(targets, dtype=torch.int64)
-                yield (x.pin_memory(), y.pin_memory()) if pin else (x, y)
+        yield from judged_batches(loader, self.bad, pin)
 
 
 def load_tar_shards(
@@ -225,7 +210,7 @@ def load_tar_shards(
     """The site's splits from the shards under `spec.uri` (validation: a share of the shards);
     `spec.test_uri`, when set, is a second shard directory."""
     assert spec.uri is not None  # DataSpec guarantees it
-    bad = BadRecords(policy=OnBadRecord(spec.on_bad_record), limit=spec.max_bad_records)
+    bad = BadRecords.from_spec(spec)
     shards = list_shards(Path(spec.uri))
     val = validation_shards(shards, split_seed, val_fraction)
     options = {"loader_workers": spec.loader_workers}

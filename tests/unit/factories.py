@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, MODEL_FILE
 from mfed.artifacts.manifest import ContributionManifest, FileRef, GlobalManifest, TaskGroupInfo
 from mfed.artifacts.signature import Signature
 from mfed.artifacts.tensorfile import StoredDtype, encode_tensors, sha256_hex
+from mfed.methods import Method
+from mfed.pilot.config import PilotConfig
 from mfed.spec import ArchSpec, DataSpec, RoundSpec, SharingPolicy, TaskGroupSpec, TaskSpec, TrainingSpec
 
 # Two real task groups (small CNN encoder) for trainer-level tests.
@@ -110,3 +113,18 @@ def site_round_spec(
         previous_decoder=previous,
         output=str(root / f"r{round_number}" / "sites" / site),
     )
+
+
+def tiny_pilot(**overrides: object) -> PilotConfig:
+    """A pilot of seconds: 2 rounds, cls10 and denoise with 2 sites each, Local and M-Fed."""
+    fields: dict[str, object] = {
+        "rounds": 2,
+        "steps": 6,
+        "sites_per_task": 2,
+        "samples_per_site": 48,
+        "test_samples": 64,
+        "tasks": ("cls10", "denoise"),
+        "methods": (Method.LOCAL, Method.MFED),
+        **overrides,
+    }
+    return replace(PilotConfig(), **fields)  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ from mfed.methods import Method
 from mfed.pilot.attacks import SCALE_FACTOR, Attack, AttackKind
 from mfed.pilot.config import PilotConfig, PilotConfigError
 from mfed.storage import Storage
-from tests.unit.factories import make_base, make_contribution
+from tests.unit.factories import make_base, make_contribution, tiny_pilot
 
 
 def _uploaded(tmp_path):
@@ -103,20 +103,11 @@ def test_pilot_flags_reach_the_federated_methods_only():
 
 
 def test_a_private_pilot_gives_the_same_numbers_for_the_same_seed_and_the_attacker_is_left_out(tmp_path):
-    from dataclasses import replace
 
     from mfed.pilot import run_pilot
     from mfed.privacy.settings import PrivacySettings
 
-    config = replace(
-        PilotConfig(),
-        rounds=2,
-        steps=6,
-        sites_per_task=2,
-        samples_per_site=48,
-        test_samples=64,
-        tasks=("cls10", "denoise"),
-        methods=(Method.LOCAL, Method.MFED),
+    config = tiny_pilot(
         privacy=PrivacySettings(clip_norm=0.5, noise_multiplier=1.0),
         attack=Attack(kind=AttackKind.SIGN_FLIP, site="cls10-1"),
     )
@@ -130,7 +121,6 @@ def test_a_private_pilot_gives_the_same_numbers_for_the_same_seed_and_the_attack
 
 
 def test_an_absent_site_trains_but_never_reaches_the_aggregation(tmp_path, monkeypatch):
-    from dataclasses import replace
 
     from mfed.pilot import run_pilot, runner
 
@@ -142,17 +132,7 @@ def test_an_absent_site_trains_but_never_reaches_the_aggregation(tmp_path, monke
         return real(base, tensors, round_number, sources, settings, **kwargs)
 
     monkeypatch.setattr(runner, "aggregate", spy)
-    config = replace(
-        PilotConfig(),
-        rounds=2,
-        steps=4,
-        sites_per_task=2,
-        samples_per_site=48,
-        test_samples=64,
-        tasks=("cls10", "denoise"),
-        methods=(Method.LOCAL, Method.MFED),
-        attack=Attack(kind=AttackKind.ABSENT, site="cls10-1"),
-    )
+    config = tiny_pilot(steps=4, attack=Attack(kind=AttackKind.ABSENT, site="cls10-1"))
     results = run_pilot(config, tmp_path, show_progress=False, workers=0)
     federated = [sites for sites in seen if len(sites) > 1]
     assert federated == [["cls10-0", "denoise-0", "denoise-1"]] * 2  # M-Fed, both rounds

@@ -4,7 +4,6 @@ against hand-computed values, and a small pilot run with the same compute as eve
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from mfed.methods import Method
 from mfed.pilot.centralized import pool_by_task, pooled_schedule
 from mfed.pilot.config import PilotConfig, PilotConfigError
 from mfed.pilot.report import oracle_share
+from tests.unit.factories import tiny_pilot
 
 
 def test_every_site_brings_its_round_steps_to_its_task_spread_through_the_round():
@@ -46,16 +46,7 @@ def test_the_share_of_the_oracle_gain_reads_the_same_for_both_directions_of_metr
 def test_a_centralized_pilot_takes_every_sites_steps_and_reports_the_share_of_its_gain(tmp_path):
     from mfed.pilot import run_pilot
 
-    config = replace(
-        PilotConfig(),
-        rounds=2,
-        steps=6,
-        sites_per_task=2,
-        samples_per_site=48,
-        test_samples=64,
-        tasks=("cls10", "denoise"),
-        methods=(Method.LOCAL, Method.MFED, Method.CENTRALIZED),
-    )
+    config = tiny_pilot(methods=(Method.LOCAL, Method.MFED, Method.CENTRALIZED))
     one = run_pilot(config, tmp_path / "one", show_progress=False, workers=0)
     two = run_pilot(config, tmp_path / "two", show_progress=False, workers=0)
     central = one["methods"]["centralized"]

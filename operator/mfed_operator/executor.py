@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from mfed.model_store import GlobalModelError
+from mfed.resources.views import RoundView
 from mfed.storage import S3Settings, Storage, StorageError
 from mfed_operator.adapters.dataplane import (
     BaseModelCache,
@@ -55,7 +56,6 @@ from mfed_operator.domain.actions import (
 from mfed_operator.domain.names import LABEL_ROUND, LABEL_SITE, label_value
 from mfed_operator.domain.observations import SecretCheck
 from mfed_operator.domain.status import RoundStatus, bounded_metrics
-from mfed_operator.domain.views import RoundView
 from mfed_operator.metrics import Metrics
 
 T = TypeVar("T")

@@ -14,13 +14,13 @@ from typing import Any
 import kopf
 
 from mfed.registry import discover_catalog, parse_declared
+from mfed.resources.views import ResourceError, parse_sitetask
 from mfed_operator.adapters.kube import Kube
 from mfed_operator.config import OperatorConfig
 from mfed_operator.domain.names import FEDERATIONROUNDS, GROUP, LABEL_MANAGED_BY, MANAGED_BY, SITETASKS, VERSION
 from mfed_operator.domain.observations import JobObservation, observe_job
 from mfed_operator.domain.phases import Phase
 from mfed_operator.domain.status import clip, iso
-from mfed_operator.domain.views import ResourceError, parse_sitetask
 from mfed_operator.executor import Executor
 from mfed_operator.reconciler import Indexes, KubeUnavailableNow, needs_reconcile, now, reconcile_round
 from mfed_operator.runtime import Runtime

@@ -20,16 +20,16 @@ from typing import Any
 import kopf
 
 from mfed.registry import Catalog
+from mfed.resources.method_settings import check_settings
+from mfed.resources.views import InitialKind, ResourceError, RoundView, SiteTaskView, parse_round, parse_sitetask
 from mfed_operator.adapters.kube import Conflict, KubeUnavailable
 from mfed_operator.config import OperatorConfig
 from mfed_operator.domain.actions import CreateJob, CreateRound
-from mfed_operator.domain.method_settings import check_settings
 from mfed_operator.domain.names import API_VERSION, ROUND_KIND
 from mfed_operator.domain.observations import SecretCheck, previous_round_view
 from mfed_operator.domain.phases import Phase
 from mfed_operator.domain.planner import Desired, Observed, apply_outcome, plan
 from mfed_operator.domain.status import RoundStatus
-from mfed_operator.domain.views import InitialKind, ResourceError, RoundView, SiteTaskView, parse_round, parse_sitetask
 from mfed_operator.runtime import Runtime
 
 log = logging.getLogger("mfed.operator")

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from mfed_operator.domain.method_settings import data_spec
-from mfed_operator.domain.views import parse_sitetask
 
 from mfed.artifacts.tensorfile import decode_tensors
 from mfed.cli import main
 from mfed.learning.model import build_site_model, load_part
 from mfed.learning.train import evaluate
+from mfed.resources.method_settings import data_spec
+from mfed.resources.views import parse_sitetask
 from mfed.rounds.site_round import load_site_splits
 from mfed.seeding import derive_seed
 from mfed.spec import ArchSpec, TaskSpec

@@ -7,8 +7,8 @@ from typing import Any
 
 from mfed_operator.config import OperatorConfig
 from mfed_operator.domain.observations import JobObservation, JobState
-from mfed_operator.domain.views import RoundView, SiteTaskView, parse_round, parse_sitetask
 
+from mfed.resources.views import RoundView, SiteTaskView, parse_round, parse_sitetask
 from tests.support import manifests as m
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from mfed_operator.domain.baselines import local_baseline_status
-from mfed_operator.domain.method_settings import round_spec
-from mfed_operator.domain.views import ResourceError
 
+from mfed.resources.method_settings import round_spec
+from mfed.resources.views import ResourceError
 from tests.operator.builders import round_view, site
 
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 from mfed_operator.domain.jobs import build_init_job, build_site_job
-from mfed_operator.domain.method_settings import init_spec, round_spec
 from mfed_operator.domain.names import dns_name, init_job_name, site_job_name
 
+from mfed.resources.method_settings import init_spec, round_spec
 from tests.operator.builders import CONFIG, round_view, site
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -44,7 +44,7 @@ def gpu_site() -> Any:
     view = site("hospital-b.example", "rot4", **gpu_site_body_overrides())
     from dataclasses import replace
 
-    from mfed_operator.domain.views import Toleration
+    from mfed.resources.views import Toleration
 
     return replace(
         view,

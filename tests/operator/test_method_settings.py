@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 import yaml
-from mfed_operator.domain.method_settings import aggregation_settings, check_settings, init_spec, training_spec
-from mfed_operator.domain.views import ResourceError, parse_round
 
 from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
 from mfed.methods import AUTO_MIN_STEPS, Method, plan_method
+from mfed.resources.method_settings import aggregation_settings, check_settings, init_spec, training_spec
+from mfed.resources.views import ResourceError, parse_round
 from mfed.spec import DecoderSource, Regularizer, SharingMode, SiteStrategy
 from tests.operator.builders import round_body, round_view, site
 

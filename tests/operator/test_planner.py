@@ -24,11 +24,11 @@ from mfed_operator.domain.phases import TRANSITIONS, IllegalTransition, Phase, S
 from mfed_operator.domain.planner import Decision, Desired, Observed, apply_outcome, plan
 from mfed_operator.domain.status import Retry, RoundStatus, SiteRecord, iso
 from mfed_operator.domain.validation import BaseSummary, BaseTask, epsilon_after_round
-from mfed_operator.domain.views import RoundView, SiteTaskView
 
 from mfed.privacy.ledger import PrivacyLedger
 from mfed.privacy.settings import PrivacySettings
 from mfed.registry import KINDS, Catalog, Entry, Listing, builtin_catalog
+from mfed.resources.views import RoundView, SiteTaskView
 from mfed.spec import ArchSpec, SharingMode, SharingPolicy
 from tests.operator.builders import CONFIG, NOW, job, later, round_view, site
 

@@ -5,9 +5,9 @@ test_crd_rules.py; the trainer's reading of the folder in tests/unit/test_image_
 from __future__ import annotations
 
 import pytest
-from mfed_operator.domain.method_settings import PVC_MOUNT, data_spec
-from mfed_operator.domain.views import ResourceError
 
+from mfed.resources.method_settings import PVC_MOUNT, data_spec
+from mfed.resources.views import ResourceError
 from mfed.spec import DataSource
 from tests.operator.builders import site
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mfed.naming import next_round_name
+from mfed.resources.views import RoundView
 from mfed_operator.domain.names import (
     API_VERSION,
     LABEL_CHAIN,
@@ -17,7 +18,6 @@ from mfed_operator.domain.names import (
     ROUND_KIND,
     label_value,
 )
-from mfed_operator.domain.views import RoundView
 
 
 def build_next_round(r: RoundView, raw_spec: Mapping[str, Any], number: int) -> dict[str, Any]:

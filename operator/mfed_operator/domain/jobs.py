@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from mfed.resources.method_settings import PVC_MOUNT
+from mfed.resources.views import DataKind, RoundView, SiteTaskView
 from mfed.spec import InitSpec, RoundSpec
 from mfed_operator.config import OperatorConfig
-from mfed_operator.domain.method_settings import PVC_MOUNT
 from mfed_operator.domain.names import (
     COMPONENT_INIT,
     COMPONENT_SITE,
@@ -28,7 +29,6 @@ from mfed_operator.domain.names import (
     MANAGED_BY,
     label_value,
 )
-from mfed_operator.domain.views import DataKind, RoundView, SiteTaskView
 
 CONTAINER = "trainer"
 EXIT_BAD_INPUT = 2  # mfed-trainer: retrying cannot help

@@ -6,6 +6,8 @@ import re
 
 from mfed.naming import FEDERATIONROUNDS as FEDERATIONROUNDS  # re-exported: one definition in mfed
 from mfed.naming import GROUP as GROUP
+from mfed.naming import KUEUE_QUEUE_LABEL as KUEUE_QUEUE_LABEL
+from mfed.naming import LABEL_CHAIN as LABEL_CHAIN
 from mfed.naming import MAX_DNS_LABEL, dns_name
 from mfed.naming import VERSION as VERSION
 
@@ -24,8 +26,6 @@ LABEL_ROUND = f"{GROUP}/round"
 LABEL_ROUND_NUMBER = f"{GROUP}/round-number"
 LABEL_SITE = f"{GROUP}/site"
 LABEL_TASK = f"{GROUP}/task"
-LABEL_CHAIN = f"{GROUP}/chain"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 COMPONENT_INIT = "init-model"
 COMPONENT_SITE = "site-training"

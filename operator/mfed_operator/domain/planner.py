@@ -14,6 +14,15 @@ from datetime import datetime, timedelta
 
 from mfed.artifacts.layout import join
 from mfed.registry import Catalog, builtin_catalog
+from mfed.resources.method_settings import (
+    aggregation_settings,
+    global_output,
+    init_output,
+    init_spec,
+    round_spec,
+    site_output,
+)
+from mfed.resources.views import InitialKind, RoundView, SiteTaskView
 from mfed_operator.config import OperatorConfig
 from mfed_operator.domain.actions import (
     Action,
@@ -43,20 +52,11 @@ from mfed_operator.domain.actions import (
 )
 from mfed_operator.domain.chain import build_next_round
 from mfed_operator.domain.jobs import build_init_job, build_site_job
-from mfed_operator.domain.method_settings import (
-    aggregation_settings,
-    global_output,
-    init_output,
-    init_spec,
-    round_spec,
-    site_output,
-)
 from mfed_operator.domain.names import init_job_name, site_job_name
 from mfed_operator.domain.observations import JobObservation, JobState, PreviousRound, SecretCheck
 from mfed_operator.domain.phases import Phase, SitePhase, check_transition
 from mfed_operator.domain.status import Headline, Retry, RoundStatus, SiteRecord, bounded_metrics, clip, iso, parse_time
 from mfed_operator.domain.validation import Severity, check_base, validate_selection
-from mfed_operator.domain.views import InitialKind, RoundView, SiteTaskView
 
 # A failed site whose trainer said why it refused its input (FAILURE_FILE): the reason in its status.
 BAD_INPUT = "BadInput"

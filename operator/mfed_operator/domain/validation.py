@@ -16,11 +16,12 @@ from typing import Any
 from mfed.privacy.ledger import PrivacyLedger
 from mfed.privacy.settings import PrivacySettings
 from mfed.registry import KINDS, Catalog
+from mfed.resources.agreement import arch_text, site_disagreements
+from mfed.resources.method_settings import method_plan
+from mfed.resources.views import InitialKind, RoundView, SiteTaskView
 from mfed.spec import ArchSpec, SharingPolicy
-from mfed_operator.domain.method_settings import method_plan
 from mfed_operator.domain.observations import PreviousRound, SecretCheck
 from mfed_operator.domain.phases import Phase
-from mfed_operator.domain.views import InitialKind, RoundView, SiteTaskView
 
 
 class Severity(StrEnum):
@@ -34,10 +35,6 @@ class Problem:
     reason: str
     message: str
     severity: Severity = Severity.HARD
-
-
-def _arch_text(arch: ArchSpec) -> str:
-    return f"{arch.name} {dict(arch.params)}"
 
 
 def validate_selection(
@@ -115,42 +112,7 @@ def validate_selection(
                 w,
             )
         )
-    by_task: dict[str, SiteTaskView] = {}
-    for site in sorted(sites, key=lambda s: s.name):
-        if site.encoder is not None and site.encoder != r.encoder:
-            problems.append(
-                Problem(
-                    "EncoderMismatch",
-                    f"SiteTask {site.name} pins encoder "
-                    f"{_arch_text(site.encoder)} but the round uses {_arch_text(r.encoder)}; "
-                    "make them equal or remove spec.encoder from the SiteTask",
-                    w,
-                )
-            )
-        first = by_task.setdefault(site.task_name, site)
-        if first is site:
-            continue
-        if (first.task_type, dict(first.task_params)) != (site.task_type, dict(site.task_params)):
-            problems.append(
-                Problem(
-                    "TaskMismatch",
-                    f"sites {first.name} and {site.name} both train task "
-                    f"{site.task_name} but with different type/params ({first.task_type} "
-                    f"{dict(first.task_params)} vs {site.task_type} {dict(site.task_params)}); "
-                    "make spec.task equal at every site of a task",
-                    w,
-                )
-            )
-        if first.decoder != site.decoder:
-            problems.append(
-                Problem(
-                    "DecoderMismatch",
-                    f"sites {first.name} ({_arch_text(first.decoder)}) and "
-                    f"{site.name} ({_arch_text(site.decoder)}) of task {site.task_name} disagree "
-                    "on the decoder; use the same spec.decoder for every site of a task",
-                    w,
-                )
-            )
+    problems.extend(Problem(d.reason, d.message, w) for d in site_disagreements(r, sites))
     if r.initial.kind is InitialKind.FROM_ROUND:
         if previous is None:
             problems.append(
@@ -292,7 +254,7 @@ def check_base(base: BaseSummary, r: RoundView, sites: Sequence[SiteTaskView]) -
             Problem(
                 "EncoderMismatch",
                 f"the initial model was trained with encoder "
-                f"{_arch_text(base.encoder)} but spec.encoder is {_arch_text(r.encoder)}; "
+                f"{arch_text(base.encoder)} but spec.encoder is {arch_text(r.encoder)}; "
                 "make them equal or start fresh with spec.initialModel.seed",
             )
         )
@@ -325,8 +287,8 @@ def check_base(base: BaseSummary, r: RoundView, sites: Sequence[SiteTaskView]) -
                 Problem(
                     "DecoderMismatch",
                     f"site {site.name} declares task {site.task_name} as "
-                    f"{site.task_type} with decoder {_arch_text(site.decoder)}, but the model "
-                    f"has {task.type} with decoder {_arch_text(task.decoder)}; make the "
+                    f"{site.task_type} with decoder {arch_text(site.decoder)}, but the model "
+                    f"has {task.type} with decoder {arch_text(task.decoder)}; make the "
                     "SiteTask match the federation",
                 )
             )

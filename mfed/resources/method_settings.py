@@ -13,6 +13,7 @@ from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
 from mfed.aggregation.fedavg import AggregationSettings
 from mfed.artifacts.layout import join, round_prefix, site_prefix
 from mfed.methods import MethodPlan, plan_method
+from mfed.resources.views import DataKind, InitialKind, ResourceError, RoundView, SiteTaskView
 from mfed.spec import (
     ArchSpec,
     BaselineSpec,
@@ -27,7 +28,6 @@ from mfed.spec import (
     TaskSpec,
     TrainingSpec,
 )
-from mfed_operator.domain.views import DataKind, InitialKind, ResourceError, RoundView, SiteTaskView
 
 PVC_MOUNT = "/var/run/mfed/data"
 DEFAULTS = TrainingSpec()

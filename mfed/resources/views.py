@@ -18,9 +18,10 @@ from mfed.aggregation.crosstask import Level2Rule
 from mfed.aggregation.robust import RobustRule, RobustSettings
 from mfed.fields import FieldError, Fields
 from mfed.methods import Method
+from mfed.naming import KUEUE_QUEUE_LABEL, LABEL_CHAIN
 from mfed.privacy.settings import PrivacySettingError, PrivacySettings
+from mfed.resources.selectors import LabelSelector
 from mfed.spec import TASK_NAME, ArchSpec, AugmentSpec, SharingMode, SharingPolicy, SiteStrategy, SpecError
-from mfed_operator.domain.selectors import LabelSelector
 
 FEDERATION_NAME_MAX = 63
 
@@ -114,8 +115,6 @@ class SiteTaskView:
 
     @property
     def queue_name(self) -> str | None:
-        from mfed_operator.domain.names import KUEUE_QUEUE_LABEL
-
         return self.labels.get(KUEUE_QUEUE_LABEL)
 
 
@@ -346,8 +345,6 @@ class RoundView:
 
     @property
     def chain_root(self) -> str:
-        from mfed_operator.domain.names import LABEL_CHAIN
-
         return self.labels.get(LABEL_CHAIN) or self.name
 
 

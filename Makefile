@@ -13,13 +13,16 @@ PYTEST_ARGS ?=
 bootstrap:
 	@scripts/bootstrap.sh
 
+# Both pilots are manifests under examples/, the same SiteTasks and FederationRound a cluster
+# takes (`kubectl apply -f`); pilot your own federation with `mfed pilot -f DIR`.
 pilot: bootstrap
-	$(BIN)/mfed pilot $(PILOT_ARGS)
+	$(BIN)/mfed pilot -f examples/pilot-default/ $(PILOT_ARGS)
 
 # Where cross-task sharing should pay: label-scarce sites beside data-rich ones (docs/strategies.md)
 pilot-scarce: bootstrap
-	$(BIN)/mfed pilot --scenario scarce --methods local,auto --out runs/pilot-scarce $(PILOT_ARGS)
+	$(BIN)/mfed pilot -f examples/pilot-scarce/ --methods local,auto --out runs/pilot-scarce $(PILOT_ARGS)
 
+# A smoke run of the pilot's machinery on the built-in sites (2 rounds, 1 site per task, seconds)
 pilot-quick: bootstrap
 	$(BIN)/mfed pilot --quick $(PILOT_ARGS)
 

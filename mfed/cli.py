@@ -79,6 +79,29 @@ def _pilot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="equal: 4 tasks x 2 sites, 300 images each (default); scarce: one site per task, "
         "50 labelled images for cls10/coarse4 beside 3000 for rot4/denoise",
     )
+    p.add_argument(
+        "-f",
+        "--filename",
+        type=Path,
+        metavar="DIR",
+        help="pilot the SiteTask and FederationRound manifests of DIR (what `kubectl apply -f DIR` creates): "
+        "the round's method beside local, task-fedavg and encoder-fedavg, on the sites' own data",
+    )
+    p.add_argument("--round", dest="round_name", help="with -f: the FederationRound to pilot when DIR holds several")
+    p.add_argument(
+        "--data",
+        type=_claim_folder,
+        action="append",
+        default=[],
+        metavar="CLAIM=PATH",
+        help="with -f: the local folder holding PVC claim CLAIM's files (repeatable)",
+    )
+    p.add_argument(
+        "--s3-dir",
+        type=Path,
+        help="with -f: read s3://BUCKET/KEY data from S3-DIR/BUCKET/KEY (default: from S3, with the MFED_S3_* "
+        "environment a site Job gets)",
+    )
     p.add_argument("--quick", action="store_true", help="a tiny run for smoke tests (2 rounds, 1 site per task)")
     p.add_argument(
         "--encoder",
@@ -213,7 +236,76 @@ def _pilot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _claim_folder(text: str) -> tuple[str, Path]:
+    claim, sep, path = text.partition("=")
+    if not sep or not claim.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: use CLAIM=PATH, e.g. --data inspection-images=/data/site-a")
+    return claim.strip(), Path(path.strip())
+
+
+# What a flag of the built-in pilot sets, and where the manifests of `-f` say it instead.
+MANIFEST_FIELDS = {
+    "quick": "the manifests' own sizes",
+    "encoder": "FederationRound spec.encoder",
+    "tasks": "the SiteTasks the round selects",
+    "task": "SiteTask spec.task",
+    "decoder": "SiteTask spec.decoder",
+    "sites_per_task": "the SiteTasks the round selects",
+    "samples_per_site": "SiteTask spec.data",
+    "task_samples": "SiteTask spec.data",
+    "delta_dtype": "FederationRound spec.training.deltaDtype",
+    "mu": "FederationRound spec.training.mu",
+    "regularizer": "FederationRound spec.training.regularizer",
+    "shared_layers": "FederationRound spec.encoder.sharing",
+    "level2": "FederationRound spec.aggregation.weighting",
+    "level2_rule": "FederationRound spec.aggregation.level2Rule",
+    "cagrad_c": "FederationRound spec.aggregation.cagradC",
+    "site_strategy": "FederationRound spec.training.siteStrategy",
+    "steps": "FederationRound spec.training.minSteps / maxSteps",
+    "shared_steps": "FederationRound spec.training.sharedSteps",
+    "epochs": "FederationRound spec.training.epochs",
+    "batch_size": "FederationRound spec.training.batchSize",
+    "lr": "FederationRound spec.training.learningRate",
+    "test_samples": "SiteTask spec.data.demo.testSamples",
+    "rule": "FederationRound spec.aggregation.rule",
+    "trim": "FederationRound spec.aggregation.trim",
+    "norm_factor": "FederationRound spec.aggregation.normFactor",
+    "min_cosine": "FederationRound spec.aggregation.minCosine",
+    "dp_noise": "FederationRound spec.privacy.noiseMultiplier",
+    "clip": "FederationRound spec.privacy.clipNorm",
+    "clip_quantile": "FederationRound spec.privacy.targetQuantile",
+}
+
+
+def manifest_config_from_args(args: argparse.Namespace) -> tuple[PilotConfig, list[str]]:
+    """`mfed pilot -f DIR`: the manifests say what the built-in flags would; the command line
+    only chooses seeds, methods, the device, a shorter chain and an attack."""
+    from mfed.pilot.manifests import DataPlaces, manifest_pilot
+
+    for flag, where in MANIFEST_FIELDS.items():
+        if getattr(args, flag) not in (None, False, []):
+            raise PilotConfigError(f"--{flag.replace('_', '-')} does not combine with -f: {where} says it")
+    if args.scenario != "equal":
+        raise PilotConfigError("--scenario does not combine with -f: the manifests are the scenario")
+    if (args.attack is None) != (args.attack_site is None):
+        raise PilotConfigError("--attack and --attack-site go together")
+    overrides: dict[str, Any] = {}
+    if args.seeds:
+        overrides["seeds"] = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    if args.methods:
+        overrides["methods"] = tuple(Method.parse(m) for m in args.methods.split(",") if m.strip())
+    for name, value in (("device", args.device), ("rounds", args.rounds), ("select_ties", args.select_ties)):
+        if value is not None:
+            overrides[name] = value
+    if args.attack:
+        overrides["attack"] = Attack(kind=AttackKind(args.attack), site=args.attack_site)
+    places = DataPlaces(claims=dict(args.data), s3_dir=args.s3_dir)
+    return manifest_pilot(args.filename, places, round_name=args.round_name, **overrides)
+
+
 def config_from_args(args: argparse.Namespace) -> PilotConfig:
+    if args.data or args.s3_dir or args.round_name:
+        raise PilotConfigError("--data, --s3-dir and --round read manifests: use them with -f DIR")
     base = PilotConfig(scenario=args.scenario, **SCENARIOS[args.scenario])
     if args.quick:
         base = replace(base, **QUICK)
@@ -304,12 +396,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command != "pilot":
         return int(args.run(args))
+    from mfed.rounds.site_round import INPUT_ERRORS, BadInput
+
     try:
-        config = config_from_args(args)
+        config, notes = manifest_config_from_args(args) if args.filename else (config_from_args(args), [])
     except (PilotConfigError, SpecError, ValueError) as exc:
         parser.error(str(exc))
+    except (*INPUT_ERRORS, BadInput) as exc:  # a site's data that cannot be read
+        print(f"mfed pilot: error: {exc}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"mfed pilot: {note}", file=sys.stderr)
     from mfed.pilot import run_pilot
-    from mfed.rounds.site_round import INPUT_ERRORS, BadInput
 
     try:
         results = run_pilot(config, args.out, show_progress=not args.no_progress, workers=args.workers)

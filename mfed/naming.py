@@ -11,6 +11,9 @@ import re
 GROUP = "mfed.dev"
 VERSION = "v1alpha1"
 FEDERATIONROUNDS = "federationrounds"
+API_VERSION = f"{GROUP}/{VERSION}"
+SITETASK_KIND = "SiteTask"
+ROUND_KIND = "FederationRound"
 # Labels a resource's view reads: the chain a round belongs to, and the Kueue queue of a site.
 LABEL_CHAIN = f"{GROUP}/chain"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"

@@ -101,7 +101,7 @@ def run_centralized(
     inputs_all = {name: (torch.from_numpy(t.train.x), torch.from_numpy(t.train.y)) for name, t in tasks.items()}
     schedule = pooled_schedule([task for _site, task in sites], config.round_steps)
 
-    run = MethodRun(method=Method.CENTRALIZED, seed=seed)
+    run = MethodRun(method=Method.CENTRALIZED, seed=seed, site_tasks=dict(sites))
     points: dict[int, CurvePoint] = {}
     for r in range(1, config.rounds + 1):
         for t in tasks.values():

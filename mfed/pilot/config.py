@@ -11,7 +11,7 @@ from mfed.aggregation.robust import RobustSettings
 from mfed.methods import Method, MethodPlan, plan_method
 from mfed.pilot.attacks import Attack
 from mfed.privacy.settings import PrivacySettings
-from mfed.spec import ArchSpec, Regularizer, SharingPolicy, SiteStrategy, TaskSpec
+from mfed.spec import ArchSpec, DataSpec, Regularizer, SharingPolicy, SiteStrategy, TaskSpec
 
 # The four Fashion-MNIST tasks of MFED.md.
 COARSE4_LABEL_MAP = [0, 1, 0, 0, 0, 2, 0, 2, 3, 2]  # tops / bottoms / shoes / bags
@@ -29,6 +29,17 @@ ALL_METHODS = (Method.LOCAL, Method.TASK_FEDAVG, Method.ENCODER_FEDAVG, Method.M
 
 class PilotConfigError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class PilotSite:
+    name: str
+    task: TaskSpec
+    decoder: ArchSpec
+    data: DataSpec
+    # A demo shard whose manifest sets no shardSeed is drawn with the run's seed, as the built-in
+    # sites are: a seed then varies the data a site holds as well as the model's start.
+    reseed: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +87,11 @@ class PilotConfig:
     robust: RobustSettings = RobustSettings()
     privacy: PrivacySettings | None = None
     attack: Attack | None = None
+    gate_threshold: float | None = None  # the gated rule's threshold (None: the method's default)
+    # Sites declared by SiteTask manifests (`mfed pilot -f DIR`, mfed.pilot.manifests); empty:
+    # the built-in Fashion-MNIST sites, `sites_per_task` of each task in `tasks`.
+    sites: tuple[PilotSite, ...] = ()
+    source: str | None = None  # the manifests' directory, when the sites came from there
 
     def __post_init__(self) -> None:
         for name in ("rounds", "sites_per_task", "samples_per_site", "epochs", "batch_size"):
@@ -119,7 +135,9 @@ class PilotConfig:
                 "--attack with centralized: the pooled reference is the ceiling of a clean federation; "
                 "run it without --attack"
             )
-        if self.attack is not None and self.sites_per_task < 2:
+        if self.sites and sorted({s.task.name for s in self.sites}) != sorted(self.tasks):
+            raise PilotConfigError("the declared sites' tasks must be the pilot's tasks")
+        if self.attack is not None and len(self.sites_of(self.attack.site)) < 2:
             raise PilotConfigError(
                 f"--attack-site {self.attack.site} would be the only site of its task, and its scores are left "
                 "out: nobody would be left to measure; use --sites-per-task 2 or more"
@@ -165,6 +183,7 @@ class PilotConfig:
             min_steps=self.round_steps,
             cagrad_c=self.cagrad_c,
             shared_steps=self.shared_steps,
+            **({} if self.gate_threshold is None else {"gate_threshold": self.gate_threshold}),
         )
         plan = replace(plan, min_steps=self.round_steps)  # Local's plan too: it trains the same rounds
         return replace(plan, robust=self.robust, privacy=self.privacy) if plan.federated else plan
@@ -181,19 +200,36 @@ class PilotConfig:
 
     @property
     def site_count(self) -> int:
-        return len(self.tasks) * self.sites_per_task
+        return len(self.sites) if self.sites else len(self.tasks) * self.sites_per_task
 
     @property
     def site_names(self) -> list[str]:
-        """`<task>-<i>`, as pilot_sites names them."""
+        """The declared sites' names, or `<task>-<i>` as pilot_sites names the built-in ones."""
+        if self.sites:
+            return [s.name for s in self.sites]
         return [f"{t}-{i}" for t in self.tasks for i in range(self.sites_per_task)]
+
+    def sites_of(self, site: str) -> list[str]:
+        """Every site of `site`'s task, itself included."""
+        if self.sites:
+            task = next(s.task.name for s in self.sites if s.name == site)
+            return [s.name for s in self.sites if s.task.name == task]
+        return [n for n in self.site_names if n.rsplit("-", 1)[0] == site.rsplit("-", 1)[0]]
+
+    def _sites_dict(self) -> dict[str, Any]:
+        if not self.sites:
+            return {"samples_per_site": {t: self.samples_for(t) for t in self.tasks}}
+        return {
+            "source": self.source,
+            "sites": {s.name: {"task": s.task.name, "data": s.data.to_dict()} for s in self.sites},
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "scenario": self.scenario,
             "rounds": self.rounds,
             "sites_per_task": self.sites_per_task,
-            "samples_per_site": {t: self.samples_for(t) for t in self.tasks},
+            **self._sites_dict(),
             "tasks": list(self.tasks),
             "methods": [m.value for m in self.methods],
             "seeds": list(self.seeds),

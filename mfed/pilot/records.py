@@ -51,7 +51,7 @@ class MethodRun:
     # files; 0 for Local, which shares nothing), and the rounds it took part in.
     uploaded_bytes: dict[str, int] = field(default_factory=dict)
     site_rounds: dict[str, int] = field(default_factory=dict)
-    # Site -> task group. The pilot leaves it empty: its sites are named `<task>-<i>`.
+    # Site -> task group (a site of an old results.json without it is named `<task>-<i>`).
     site_tasks: dict[str, str] = field(default_factory=dict)
     # Site -> training samples, the weights of a task's mean (as the round's status weights
     # them). The pilot leaves it empty: a task's sites there are all the same size.

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -40,12 +40,12 @@ from mfed.methods import Method, MethodPlan
 from mfed.model_store import read_global_model, write_global_model
 from mfed.pilot.attacks import Attack
 from mfed.pilot.centralized import run_centralized
-from mfed.pilot.config import PilotConfig
+from mfed.pilot.config import PilotConfig, PilotSite
 from mfed.pilot.records import CurvePoint, MethodRun, SiteSelection
 from mfed.rounds.initial import init_global_model
-from mfed.rounds.site_round import evaluate_start, load_site_splits, run_site_round
+from mfed.rounds.site_round import evaluate_start, load_site_for, run_site_round
 from mfed.seeding import derive_seed
-from mfed.spec import ArchSpec, DataSpec, InitSpec, RoundSpec, TaskGroupSpec, TaskSpec, TrainingSpec
+from mfed.spec import DataSpec, InitSpec, RoundSpec, TaskGroupSpec, TrainingSpec
 from mfed.storage import Storage
 
 SiteRoundCallback = Callable[[], None]
@@ -53,16 +53,11 @@ T = TypeVar("T")
 FASHION_MNIST_TRAIN = 60000
 
 
-@dataclass(frozen=True)
-class PilotSite:
-    name: str
-    task: TaskSpec
-    decoder: ArchSpec
-    data: DataSpec
-
-
 def pilot_sites(config: PilotConfig, seed: int) -> list[PilotSite]:
-    """Sites named `<task>-<i>`, each on its own disjoint shard of Fashion-MNIST's train set."""
+    """The declared sites (manifests), or the built-in ones: `<task>-<i>`, each on its own
+    disjoint shard of Fashion-MNIST's train set."""
+    if config.sites:
+        return [replace(s, data=replace(s.data, shard_seed=seed)) if s.reseed else s for s in config.sites]
     shard_count = config.site_count
     shard_size = FASHION_MNIST_TRAIN // shard_count
     sites = []
@@ -81,7 +76,7 @@ def pilot_sites(config: PilotConfig, seed: int) -> list[PilotSite]:
                 shard_seed=seed,
                 test_samples=config.test_samples,
             )
-            sites.append(PilotSite(name=f"{task_name}-{i}", task=task, decoder=decoder, data=data))
+            sites.append(PilotSite(name=f"{task_name}-{i}", task=task, decoder=decoder, data=data, reseed=True))
     return sites
 
 
@@ -366,7 +361,7 @@ def _run_method(
             curve_checkpoints(config.rounds, config.rounds),
             on_site_round,
         )
-    run = MethodRun(method=method, seed=seed)
+    run = MethodRun(method=method, seed=seed, site_tasks={s.name: s.task.name for s in sites})
     # Local: each site is a federation of one; all of them run their rounds side by side.
     groups = [[s] for s in sites] if not plan.federated else [sites]
     points: dict[int, CurvePoint] = {}
@@ -440,7 +435,9 @@ def site_data(config: PilotConfig, seed: int) -> dict[str, SiteData]:
     """Load every site's splits once per seed (the same splits the trainer would build)."""
     storage = Storage()
     return {
-        site.name: load_site_splits(site.data, site.name, config.val_fraction, storage)
+        site.name: load_site_for(
+            site.name, site.data, config.encoder, site.task, site.decoder, config.val_fraction, storage
+        )
         for site in pilot_sites(config, seed)
     }
 

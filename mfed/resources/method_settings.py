@@ -120,7 +120,9 @@ def site_output(r: RoundView, site: str) -> str:
     return site_prefix(round_root(r), site)
 
 
-def data_spec(site: SiteTaskView) -> DataSpec:
+def data_spec(site: SiteTaskView, mount: str = PVC_MOUNT) -> DataSpec:
+    """Where the trainer finds the site's data: a PVC's files under `mount`, where the Job mounts
+    the claim (the pilot passes the folder that stands in for the claim)."""
     d = site.data
     if d.kind is DataKind.DEMO:
         default = DataSpec()
@@ -141,8 +143,8 @@ def data_spec(site: SiteTaskView) -> DataSpec:
             source=DataSource(d.format),
             dataset=d.dataset,
             params=dict(d.params),
-            uri=f"{PVC_MOUNT}/{d.path}",
-            test_uri=f"{PVC_MOUNT}/{d.test_path}" if d.test_path else None,
+            uri=f"{mount}/{d.path}",
+            test_uri=f"{mount}/{d.test_path}" if d.test_path else None,
             index=d.index,
             on_bad_record=d.on_bad_record,
             max_bad_records=d.max_bad_records,
@@ -151,8 +153,8 @@ def data_spec(site: SiteTaskView) -> DataSpec:
     return DataSpec(
         augment=d.augment,
         source=DataSource.NPZ,
-        uri=f"{PVC_MOUNT}/{d.path}",
-        test_uri=f"{PVC_MOUNT}/{d.test_path}" if d.test_path else None,
+        uri=f"{mount}/{d.path}",
+        test_uri=f"{mount}/{d.test_path}" if d.test_path else None,
     )
 
 

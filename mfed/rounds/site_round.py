@@ -57,7 +57,7 @@ from mfed.model_store import GlobalModelError, read_global_manifest, read_global
 from mfed.rounds.baseline import BaselineStateMissing, train_and_store_local
 from mfed.rounds.start import StartError, StartState, assemble_start
 from mfed.seeding import derive_seed
-from mfed.spec import DataSource, DataSpec, Regularizer, RoundSpec, SpecError
+from mfed.spec import ArchSpec, DataSource, DataSpec, Regularizer, RoundSpec, SpecError, TaskSpec
 from mfed.storage import NotFound, Storage
 
 
@@ -150,13 +150,29 @@ def load_site_splits(
 
 
 def _load_for(spec: RoundSpec, storage: Storage) -> SiteData:
-    if spec.data.source not in (DataSource.IMAGE_FOLDER, DataSource.TAR_SHARDS, DataSource.PLUGIN):
-        return load_site_splits(spec.data, spec.site, spec.training.val_fraction, storage)
-    model, task = build_site_model(spec.encoder, spec.task, spec.decoder)
+    return load_site_for(
+        spec.site, spec.data, spec.encoder, spec.task, spec.decoder, spec.training.val_fraction, storage
+    )
+
+
+def load_site_for(
+    site: str,
+    data: DataSpec,
+    encoder: ArchSpec,
+    task_spec: TaskSpec,
+    decoder: ArchSpec,
+    val_fraction: float,
+    storage: Storage,
+) -> SiteData:
+    """The site's splits for this model: files read one by one are checked, as they are decoded,
+    against the encoder's input shape and the task's classes (arrays are checked whole later)."""
+    if data.source not in (DataSource.IMAGE_FOLDER, DataSource.TAR_SHARDS, DataSource.PLUGIN):
+        return load_site_splits(data, site, val_fraction, storage)
+    model, task = build_site_model(encoder, task_spec, decoder)
     return load_site_splits(
-        spec.data,
-        spec.site,
-        spec.training.val_fraction,
+        data,
+        site,
+        val_fraction,
         storage,
         example_shape=tuple(model.input_spec.shape),
         classes=task.label_classes,

@@ -1,4 +1,5 @@
-"""Small synthetic global models and contributions built with numpy only (no torch)."""
+"""Small synthetic global models, contributions and image folders built with numpy and Pillow
+(no torch)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from mfed.aggregation.ownership import layout_global
 from mfed.artifacts.layout import DECODER_FILE, DELTA_FILE, MODEL_FILE
@@ -128,3 +130,24 @@ def tiny_pilot(**overrides: object) -> PilotConfig:
         **overrides,
     }
     return replace(PilotConfig(), **fields)  # type: ignore[arg-type]
+
+
+def class_image(value: int, rng: np.random.Generator) -> np.ndarray:
+    """28x28 grey: a class-dependent brightness and stripe, plus noise (learnable)."""
+    base = np.full((28, 28), 40 + 80 * value, dtype=np.float64)
+    base[:, value * 9 : value * 9 + 6] = 250
+    return np.clip(base + rng.normal(0, 20, (28, 28)), 0, 255).astype(np.uint8)
+
+
+def write_image_folder(root: Path, per_class: int = 40, classes: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
+    """One PNG sub-folder per class under `root`; returns key -> the pixels written."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for c in range(classes):
+        (root / f"class-{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = class_image(c, rng)
+            key = f"class-{c}/{i:03d}.png"
+            Image.fromarray(pixels, mode="L").save(root / key)
+            written[key] = pixels
+    return written

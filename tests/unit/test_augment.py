@@ -11,7 +11,8 @@ from mfed.learning.augment import augment, check_augment
 from mfed.rounds.site_round import run_site_round
 from mfed.spec import AugmentSpec, DataSource, DataSpec, SpecError
 from mfed.storage import Storage
-from tests.unit.test_image_folder import _folder, _spec
+from tests.unit.factories import write_image_folder
+from tests.unit.test_image_folder import _spec
 
 
 def _batch(n: int = 16) -> torch.Tensor:
@@ -73,7 +74,7 @@ def test_settings_that_cannot_work_name_the_field():
 
 
 def test_a_site_round_augments_its_training_batches_only(tmp_path):
-    _folder(tmp_path / "images", per_class=20)
+    write_image_folder(tmp_path / "images", per_class=20)
     plain = DataSpec(source=DataSource.IMAGE_FOLDER, uri=str(tmp_path / "images"), loader_workers=0)
     augmented = DataSpec(
         source=DataSource.IMAGE_FOLDER,

@@ -16,7 +16,8 @@ from mfed.rounds.site_round import BadInput, run_site_round
 from mfed.spec import DataSource, DataSpec, SpecError
 from mfed.storage import Storage
 from tests.support.plugin import fake_distribution
-from tests.unit.test_image_folder import _image, _spec
+from tests.unit.factories import class_image
+from tests.unit.test_image_folder import _spec
 
 READER = """
     from pathlib import Path
@@ -57,7 +58,7 @@ def plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 def _npy(root: Path) -> None:
     rng = np.random.default_rng(0)
     labels = np.arange(150) % 3
-    np.save(root / "images.npy", np.stack([_image(int(c), rng) for c in labels]))
+    np.save(root / "images.npy", np.stack([class_image(int(c), rng) for c in labels]))
     np.save(root / "labels.npy", labels)
 
 

@@ -38,31 +38,12 @@ from mfed.spec import (
     TrainingSpec,
 )
 from mfed.storage import Storage
+from tests.unit.factories import write_image_folder
 
 ENCODER = ArchSpec(name="small_cnn")
 GROUP = TaskGroupSpec(
     task=TaskSpec(name="parts", type="classification", params={"num_classes": 3}), decoder=ArchSpec(name="mlp")
 )
-
-
-def _image(value: int, rng: np.random.Generator) -> np.ndarray:
-    """28x28 grey: a class-dependent brightness and stripe, plus noise (learnable)."""
-    base = np.full((28, 28), 40 + 80 * value, dtype=np.float64)
-    base[:, value * 9 : value * 9 + 6] = 250
-    return np.clip(base + rng.normal(0, 20, (28, 28)), 0, 255).astype(np.uint8)
-
-
-def _folder(root: Path, per_class: int = 40, classes: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    written = {}
-    for c in range(classes):
-        (root / f"class-{c}").mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = _image(c, rng)
-            key = f"class-{c}/{i:03d}.png"
-            Image.fromarray(pixels, mode="L").save(root / key)
-            written[key] = pixels
-    return written
 
 
 def _spec(tmp_path: Path, data: DataSpec, site: str = "plant-a") -> RoundSpec:
@@ -91,8 +72,8 @@ def _spec(tmp_path: Path, data: DataSpec, site: str = "plant-a") -> RoundSpec:
     )
 
 
-def test_a_site_trains_a_round_on_its_image_folder(tmp_path):
-    _folder(tmp_path / "images")
+def test_a_site_trains_a_round_on_its_imagewrite_image_folder(tmp_path):
+    write_image_folder(tmp_path / "images")
     data = DataSpec(source=DataSource.IMAGE_FOLDER, uri=str(tmp_path / "images"))
     metrics = run_site_round(_spec(tmp_path, data), Storage()).manifest.metrics
     assert metrics["val_after"] > metrics["val_before"] + 20  # it learned from the files
@@ -100,7 +81,7 @@ def test_a_site_trains_a_round_on_its_image_folder(tmp_path):
 
 
 def test_the_decoded_batches_are_the_pixels_that_were_written(tmp_path):
-    written = _folder(tmp_path / "images", per_class=5)
+    written = write_image_folder(tmp_path / "images", per_class=5)
     records, classes = list_class_folders(tmp_path / "images", BadRecords())
     assert classes == ("class-0", "class-1", "class-2")
     split = ImageFolderSplit(tmp_path / "images", records, (1, 28, 28), BadRecords(), loader_workers=2)
@@ -146,7 +127,7 @@ def _break(root: Path, case: str) -> str:
 
 @pytest.mark.parametrize("case", ["unreadable", "mode", "size", "label", "missing"])
 def test_a_bad_record_fails_the_site_naming_the_file_and_the_problem(tmp_path, case):
-    _folder(tmp_path / "images", per_class=12)
+    write_image_folder(tmp_path / "images", per_class=12)
     expected = _break(tmp_path / "images", case)
     index = "index.csv" if case == "missing" else None
     data = DataSpec(source=DataSource.IMAGE_FOLDER, uri=str(tmp_path / "images"), index=index, loader_workers=0)
@@ -156,7 +137,7 @@ def test_a_bad_record_fails_the_site_naming_the_file_and_the_problem(tmp_path, c
 
 @pytest.mark.parametrize("case", ["unreadable", "mode", "size", "label"])
 def test_with_on_bad_record_skip_the_site_trains_and_counts_what_it_left_out(tmp_path, case):
-    _folder(tmp_path / "images", per_class=12)
+    write_image_folder(tmp_path / "images", per_class=12)
     _break(tmp_path / "images", case)
     data = DataSpec(
         source=DataSource.IMAGE_FOLDER, uri=str(tmp_path / "images"), on_bad_record="skip", max_bad_records=3
@@ -167,7 +148,7 @@ def test_with_on_bad_record_skip_the_site_trains_and_counts_what_it_left_out(tmp
 
 
 def test_more_bad_records_than_the_cap_fail_the_site_anyway(tmp_path):
-    _folder(tmp_path / "images", per_class=12)
+    write_image_folder(tmp_path / "images", per_class=12)
     for i in range(3):
         (tmp_path / "images" / "class-0" / f"{i:03d}.png").write_bytes(b"garbage")
     data = DataSpec(
@@ -187,7 +168,7 @@ def test_an_empty_or_absent_folder_says_what_is_missing(tmp_path):
 
 
 def test_an_index_names_files_and_targets_instead_of_folders(tmp_path):
-    _folder(tmp_path / "images", per_class=10)
+    write_image_folder(tmp_path / "images", per_class=10)
     lines = [f'{{"file": "class-{c}/{i:03d}.png", "target": {2 - c}}}' for c in range(3) for i in range(10)]
     (tmp_path / "images" / "labels.jsonl").write_text("\n".join(lines) + "\n")
     spec = DataSpec(source=DataSource.IMAGE_FOLDER, uri=str(tmp_path / "images"), index="labels.jsonl")

@@ -20,7 +20,8 @@ from mfed.learning.tar_shards import TarShardSplit, count_samples, list_shards, 
 from mfed.rounds.site_round import BadInput, run_site_round
 from mfed.spec import DataSource, DataSpec
 from mfed.storage import Storage
-from tests.unit.test_image_folder import _image, _spec
+from tests.unit.factories import class_image
+from tests.unit.test_image_folder import _spec
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -44,7 +45,7 @@ def _shards(root: Path, shards: int = 5, per_shard: int = 24, seed: int = 0) -> 
         with tarfile.open(root / f"shard-{s:04d}.tar", "w") as archive:
             for i in range(per_shard):
                 target = (s * per_shard + i) % 3
-                pixels = _image(target, rng)
+                pixels = class_image(target, rng)
                 key = f"{s:04d}{i:04d}"
                 _add(archive, f"{key}.png", _png(pixels))
                 _add(archive, f"{key}.cls", str(target).encode())

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import re
 
-from mfed.naming import FEDERATIONROUNDS as FEDERATIONROUNDS  # re-exported: one definition in mfed
+from mfed.naming import API_VERSION as API_VERSION  # re-exported: one definition in mfed
+from mfed.naming import FEDERATIONROUNDS as FEDERATIONROUNDS
 from mfed.naming import GROUP as GROUP
 from mfed.naming import KUEUE_QUEUE_LABEL as KUEUE_QUEUE_LABEL
 from mfed.naming import LABEL_CHAIN as LABEL_CHAIN
+from mfed.naming import ROUND_KIND as ROUND_KIND
+from mfed.naming import SITETASK_KIND as SITETASK_KIND
 from mfed.naming import MAX_DNS_LABEL, dns_name
 from mfed.naming import VERSION as VERSION
 
-API_VERSION = f"{GROUP}/{VERSION}"
 SITETASKS = "sitetasks"
-SITETASK_KIND = "SiteTask"
-ROUND_KIND = "FederationRound"
 
 MANAGED_BY = "mfed-operator"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"

@@ -94,6 +94,7 @@ def child(mode: str, args: argparse.Namespace) -> None:
     import torch
 
     from mfed.learning.data import Split, as_images
+    from mfed.learning.data_root import LocalRoot
     from mfed.learning.image_folder import BadRecords, ImageFolderSplit, list_class_folders
     from mfed.learning.model import build_site_model
     from mfed.learning.train import Objective, train_local
@@ -116,7 +117,8 @@ def child(mode: str, args: argparse.Namespace) -> None:
         TaskSpec(name="cls10", type="classification"),
         ArchSpec(name="mlp"),
     )
-    records, _ = list_class_folders(args.cache, BadRecords())
+    root = LocalRoot(args.cache)
+    records, _ = list_class_folders(root, BadRecords())
     files = len(records)
     objective = Objective(regularizer=Regularizer.NONE, mu=0.0, global_decoder=None)
     common = dict(epochs=1, batch_size=args.batch, learning_rate=1e-3, objective=objective, device=torch.device("cpu"))
@@ -130,7 +132,7 @@ def child(mode: str, args: argparse.Namespace) -> None:
         del x
         steps = args.steps
     else:
-        train = ImageFolderSplit(args.cache, records, (1, SIZE, SIZE), BadRecords(), loader_workers=args.workers)
+        train = ImageFolderSplit(root, records, (1, SIZE, SIZE), BadRecords(), loader_workers=args.workers)
         steps = -(-files // args.batch) if args.epoch else args.steps  # --epoch: every file, once
     del records  # what the streaming path keeps is in the split's arrays
     train_local(model, task, train, seed=0, max_steps=3, **common)  # warm-up

@@ -340,6 +340,8 @@ class DataSpec:
     dataset: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
     augment: AugmentSpec = AugmentSpec()  # training batches only
+    # image-folder / tar-shards under an s3:// prefix: the local cache of downloaded shards
+    cache_mib: int = 2048
 
     def __post_init__(self) -> None:
         if self.shard_count < 1 or not 0 <= self.shard_index < self.shard_count:
@@ -349,10 +351,8 @@ class DataSpec:
             raise SpecError("data.dataset", "names the mfed.datasets reader of plugin data, and only of plugin data")
         if (self.source is DataSource.NPZ or streamed) and not self.uri:
             raise SpecError("data.uri", f"is required for {self.source.value} data: where the site's data is")
-        if streamed and self.uri and self.uri.startswith("s3://"):
-            raise SpecError(
-                "data.uri", f"{self.source.value} data is read from a directory (a PVC); S3 takes .npz files"
-            )
+        if self.cache_mib < 1:
+            raise SpecError("data.cacheMiB", f"is {self.cache_mib}; the shard cache needs at least 1 MiB")
         if self.on_bad_record not in ("fail", "skip"):
             raise SpecError("data.onBadRecord", f"is {self.on_bad_record!r}; use fail or skip")
         if self.max_bad_records < 0 or self.loader_workers < 0:
@@ -379,6 +379,7 @@ class DataSpec:
                 "dataset",
                 "params",
                 "augment",
+                "cacheMiB",
             ]
         )
         return cls(
@@ -397,6 +398,7 @@ class DataSpec:
             dataset=f.opt_str("dataset"),
             params=f.mapping("params"),
             augment=AugmentSpec.parse(f.obj("augment", required=False)),
+            cache_mib=f.int("cacheMiB", 2048, minimum=1),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -423,7 +425,13 @@ class DataSpec:
             ),
             **({"dataset": self.dataset, "params": dict(self.params)} if self.source is DataSource.PLUGIN else {}),
             **({"augment": self.augment.to_dict()} if self.augment.active else {}),
+            **({"cacheMiB": self.cache_mib} if self._streamed_from_s3 else {}),
         }
+
+    @property
+    def _streamed_from_s3(self) -> bool:
+        s3 = any(u is not None and u.startswith("s3://") for u in (self.uri, self.test_uri))
+        return s3 and self.source in (DataSource.IMAGE_FOLDER, DataSource.TAR_SHARDS)
 
 
 @dataclass(frozen=True, kw_only=True)

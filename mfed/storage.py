@@ -84,7 +84,7 @@ def s3_client(settings: S3Settings) -> Any:
     )
 
 
-def _s3_error(exc: Exception, uri: str) -> StorageError:
+def s3_error(exc: Exception, uri: str) -> StorageError:
     from botocore.exceptions import ClientError
 
     if isinstance(exc, ClientError):
@@ -117,7 +117,7 @@ class Storage:
                 response = s3_client(self.s3).get_object(Bucket=bucket, Key=key)
                 return bytes(response["Body"].read())
             except Exception as exc:
-                raise _s3_error(exc, uri) from None
+                raise s3_error(exc, uri) from None
         path = _local(uri)
         try:
             return path.read_bytes()
@@ -130,7 +130,7 @@ class Storage:
             try:
                 s3_client(self.s3).put_object(Bucket=bucket, Key=key, Body=data)
             except Exception as exc:
-                raise _s3_error(exc, uri) from None
+                raise s3_error(exc, uri) from None
             return
         path = _local(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +156,7 @@ class Storage:
                 try:
                     s3_client(self.s3).head_object(Bucket=bucket, Key=key)
                 except Exception as exc:
-                    raise _s3_error(exc, uri) from None
+                    raise s3_error(exc, uri) from None
                 return True
             return _local(uri).exists()
         except NotFound:
@@ -173,7 +173,7 @@ class S3Range:
         try:
             self._size = int(self._client.head_object(Bucket=self._bucket, Key=self._key)["ContentLength"])
         except Exception as exc:
-            raise _s3_error(exc, uri) from None
+            raise s3_error(exc, uri) from None
 
     @property
     def size(self) -> int:
@@ -190,7 +190,7 @@ class S3Range:
             )
             data = bytes(response["Body"].read())
         except Exception as exc:
-            raise _s3_error(exc, self._uri) from None
+            raise s3_error(exc, self._uri) from None
         if len(data) != length:
             raise StorageError(f"{self._uri}: asked for {length} bytes at {offset}, got {len(data)}")
         return data

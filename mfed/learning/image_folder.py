@@ -20,16 +20,18 @@ import csv
 import hashlib
 import io
 import json
+import posixpath
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from mfed.learning.data import DataError, SiteData
+from mfed.learning.data_root import DataRoot, data_roots
 from mfed.spec import DataSpec
+from mfed.storage import StorageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MODES = {1: "L", 3: "RGB"}  # channels -> the Pillow mode a file must have
@@ -69,33 +71,33 @@ class BadRecords:
             )
 
 
-def list_class_folders(root: Path, bad: BadRecords) -> tuple[list[ImageRecord], tuple[str, ...]]:
-    """Images under root/<class>/..., the classes numbered in sorted order of their folder names."""
-    if not root.is_dir():
-        raise DataError(f"{root}: the image folder does not exist or is not a directory")
-    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+def list_class_folders(root: DataRoot, bad: BadRecords) -> tuple[list[ImageRecord], tuple[str, ...]]:
+    """Images under root/<class>/..., the classes numbered in sorted order of the sub-folders that
+    hold files (an object store has no empty folders); files at the top level are not images."""
+    files = [f for f in root.files() if "/" in f.key]
+    classes = tuple(sorted({f.key.split("/", 1)[0] for f in files}))
     if not classes:
-        raise DataError(f"{root}: no class sub-folders; put each class's images in a folder of its own")
+        raise DataError(f"{root.uri}: no class sub-folders; put each class's images in a folder of its own")
+    number = {name: target for target, name in enumerate(classes)}
     records = []
-    for target, name in enumerate(classes):
-        for path in sorted((root / name).rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                records.append(ImageRecord(key=str(path.relative_to(root)), target=target))
-            elif path.is_file():
-                bad.record(str(path.relative_to(root)), f"not an image file ({', '.join(IMAGE_SUFFIXES)})")
+    for f in files:
+        if f.key.lower().endswith(IMAGE_SUFFIXES):
+            records.append(ImageRecord(key=f.key, target=number[f.key.split("/", 1)[0]]))
+        else:
+            bad.record(f.key, f"not an image file ({', '.join(IMAGE_SUFFIXES)})")
     if not records:
-        raise DataError(f"{root}: the class folders hold no {'/'.join(IMAGE_SUFFIXES)} files")
+        raise DataError(f"{root.uri}: the class folders hold no {'/'.join(IMAGE_SUFFIXES)} files")
     return records, classes
 
 
-def read_index(index: Path, root: Path, bad: BadRecords) -> list[ImageRecord]:
+def read_index(root: DataRoot, index: str, bad: BadRecords) -> list[ImageRecord]:
     """An index of file -> target: CSV with a header `file,target`, or JSON lines
     {"file": ..., "target": ...}; files are relative to `root`."""
     try:
-        text = index.read_text()
-    except OSError as exc:
-        raise DataError(f"{index}: cannot read the index: {exc}") from exc
-    if index.suffix.lower() == ".jsonl":
+        text = root.read(index).decode()
+    except (OSError, StorageError, UnicodeDecodeError) as exc:
+        raise DataError(f"{root.uri}/{index}: cannot read the index: {exc}") from exc
+    if index.lower().endswith(".jsonl"):
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -109,26 +111,26 @@ def read_index(index: Path, root: Path, bad: BadRecords) -> list[ImageRecord]:
         if reader.fieldnames is None or not {"file", "target"} <= set(reader.fieldnames):
             raise DataError(f"{index}: the CSV index needs a header with columns file,target")
         rows = [(number, row) for number, row in enumerate(reader, start=2)]
+    present = {f.key for f in root.files()}
     records = []
     for number, row in rows:
-        where = f"{index.name} line {number}"
+        where = f"{posixpath.basename(index)} line {number}"
         if not isinstance(row, dict) or "file" not in row or "target" not in row:
             raise DataError(f"{where}: each entry needs file and target")
-        key = str(row["file"])
+        key = posixpath.normpath(str(row["file"]))
         try:
             target = int(row["target"])
         except (TypeError, ValueError):
             bad.record(key, f"target {row['target']!r} ({where}) is not an integer class")
             continue
-        path = (root / key).resolve()
-        if not path.is_relative_to(root.resolve()):
-            raise DataError(f"{where}: {key} points outside the data folder; use a path inside it")
-        if not path.is_file():
+        if key.startswith(("../", "/")) or key == "..":
+            raise DataError(f"{where}: {row['file']} points outside the data folder; use a path inside it")
+        if key not in present:
             bad.record(key, f"missing file (named by {where})")
             continue
         records.append(ImageRecord(key=key, target=target))
     if not records:
-        raise DataError(f"{index}: the index names no readable image")
+        raise DataError(f"{root.uri}/{index}: the index names no readable image")
     return records
 
 
@@ -172,7 +174,7 @@ def decode_image(data: bytes, shape: tuple[int, int, int], key: str) -> np.ndarr
 
 
 class _Decoded(torch.utils.data.Dataset[tuple[np.ndarray | str, int, str]]):
-    def __init__(self, root: Path, keys: np.ndarray, targets: np.ndarray, shape: tuple[int, int, int]) -> None:
+    def __init__(self, root: DataRoot, keys: np.ndarray, targets: np.ndarray, shape: tuple[int, int, int]) -> None:
         self.root, self.keys, self.targets, self.shape = root, keys, targets, shape
 
     def __len__(self) -> int:
@@ -181,8 +183,8 @@ class _Decoded(torch.utils.data.Dataset[tuple[np.ndarray | str, int, str]]):
     def __getitem__(self, i: int) -> tuple[np.ndarray | str, int, str]:
         key, target = self.keys[i].decode(), int(self.targets[i])
         try:
-            data = (self.root / key).read_bytes()
-        except OSError as exc:
+            data = self.root.read(key)
+        except (OSError, StorageError) as exc:
             return f"cannot read the file: {exc}", target, key
         return decode_image(data, self.shape, key), target, key
 
@@ -222,7 +224,7 @@ class ImageFolderSplit:
 
     def __init__(
         self,
-        root: Path,
+        root: DataRoot,
         records: Sequence[ImageRecord],
         shape: tuple[int, int, int],
         bad: BadRecords,
@@ -268,7 +270,7 @@ def load_image_folder(
     per file (in_validation); `spec.test_uri`, when set, is a second folder of the same layout."""
     assert spec.uri is not None  # DataSpec guarantees it
     bad = BadRecords.from_spec(spec)
-    root = Path(spec.uri)
+    root, test_root = data_roots(spec)
     records = _records(root, spec.index, classes, bad)
     val = [r for r in records if in_validation(r.key, split_seed, val_fraction)]
     train = [r for r in records if not in_validation(r.key, split_seed, val_fraction)]
@@ -278,8 +280,7 @@ def load_image_folder(
             f"(valFraction {val_fraction}); add images"
         )
     test = None
-    if spec.test_uri:
-        test_root = Path(spec.test_uri)
+    if test_root is not None:
         test_records = _records(test_root, spec.index, classes, bad)
         test = ImageFolderSplit(test_root, test_records, shape, bad, spec.loader_workers)
     return SiteData(
@@ -289,6 +290,6 @@ def load_image_folder(
     )
 
 
-def _records(root: Path, index: str | None, classes: int | None, bad: BadRecords) -> list[ImageRecord]:
-    records = read_index(root / index, root, bad) if index else list_class_folders(root, bad)[0]
+def _records(root: DataRoot, index: str | None, classes: int | None, bad: BadRecords) -> list[ImageRecord]:
+    records = read_index(root, index, bad) if index else list_class_folders(root, bad)[0]
     return check_targets(records, classes, bad)

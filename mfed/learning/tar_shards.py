@@ -26,55 +26,69 @@ import hashlib
 import random
 import tarfile
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from mfed.learning.data import DataError, SiteData
+from mfed.learning.data_root import DataRoot, StoredFile, data_roots
 from mfed.learning.image_folder import IMAGE_SUFFIXES, BadRecords, Decoded, decode_image, judged_batches, keep_all
 from mfed.spec import DataSpec
+from mfed.storage import StorageError
 
 TARGET_SUFFIX = ".cls"
 Sample = Decoded  # the decoded image or its problem, the target, "shard:key"
 
 
-def list_shards(root: Path) -> list[Path]:
-    if not root.is_dir():
-        raise DataError(f"{root}: the shard directory does not exist or is not a directory")
-    shards = sorted(p for p in root.iterdir() if p.suffix == ".tar" and p.is_file())
+def list_shards(root: DataRoot) -> list[StoredFile]:
+    """The `.tar` files at the top of the root (a directory, or an S3 prefix)."""
+    shards = [f for f in root.files() if "/" not in f.key and f.key.endswith(".tar")]
     if not shards:
-        raise DataError(f"{root}: no .tar shards; write the samples as <key>.png + <key>.cls members of .tar files")
+        raise DataError(f"{root.uri}: no .tar shards; write the samples as <key>.png + <key>.cls members of .tar files")
     return shards
 
 
-def validation_shards(shards: Sequence[Path], seed: int, fraction: float) -> set[Path]:
+def validation_shards(shards: Sequence[StoredFile], seed: int, fraction: float) -> set[StoredFile]:
     """The shards whose hash of (seed, name) ranks in the lowest `fraction` (at least one, never all)."""
     if len(shards) < 2:
         raise DataError(f"{len(shards)} shard cannot be split into training and validation; write at least 2")
-    ranked = sorted(shards, key=lambda p: hashlib.blake2b(f"{seed}:{p.name}".encode(), digest_size=8).digest())
+    ranked = sorted(shards, key=lambda f: hashlib.blake2b(f"{seed}:{f.key}".encode(), digest_size=8).digest())
     count = min(len(shards) - 1, max(1, round(len(shards) * fraction)))
     return set(ranked[:count])
 
 
-def _samples(shard: Path, classes: int | None) -> Iterator[tuple[str, bytes | None, int | None, str | None]]:
+def _samples(
+    root: DataRoot, shard: StoredFile, classes: int | None
+) -> Iterator[tuple[str, bytes | None, int | None, str | None]]:
     """(key, image bytes, target, problem) per sample of one shard, in archive order; a problem
     with no key is the shard's own (empty, truncated, unreadable)."""
+    try:
+        handle = root.open(shard)
+    except (OSError, StorageError) as exc:
+        yield ("", None, None, f"unreadable archive: {exc}")
+        return
+    with handle:
+        yield from _read_samples(handle, classes)
+
+
+def _read_samples(handle: BinaryIO, classes: int | None) -> Iterator[tuple[str, bytes | None, int | None, str | None]]:
     seen = 0
     pending: dict[str, dict[str, bytes]] = {}
-    ending = _end_marker_problem(shard)
+    ending = _end_marker_problem(handle)
     if ending is not None:  # the whole shard is refused: a cut archive may end inside a sample
         yield ("", None, None, ending)
         return
     try:
-        with tarfile.open(shard, mode="r|") as archive:  # a stream: never seeks back
+        handle.seek(0)
+        with tarfile.open(fileobj=handle, mode="r|") as archive:  # a stream: never seeks back
             for member in archive:
                 if not member.isfile():
                     continue
                 stem, dot, suffix = member.name.rpartition(".")
                 if not dot:
                     continue
-                handle = archive.extractfile(member)
-                data = handle.read() if handle is not None else b""
+                content = archive.extractfile(member)
+                data = content.read() if content is not None else b""
                 parts = pending.setdefault(stem, {})
                 parts["." + suffix.lower()] = data
                 image = next((parts[s] for s in IMAGE_SUFFIXES if s in parts), None)
@@ -93,14 +107,13 @@ def _samples(shard: Path, classes: int | None) -> Iterator[tuple[str, bytes | No
         yield ("", None, None, "empty shard (no samples)")
 
 
-def _end_marker_problem(shard: Path) -> str | None:
+def _end_marker_problem(handle: BinaryIO) -> str | None:
     """A complete archive ends with two zero blocks, on a 512-byte boundary (tar and tarfile both
     write them); Python's reader stops quietly where a cut archive ends, so look before reading."""
     try:
-        size = shard.stat().st_size
-        with shard.open("rb") as handle:
-            handle.seek(max(0, size - 1024))
-            tail = handle.read(1024)
+        size = handle.seek(0, 2)
+        handle.seek(max(0, size - 1024))
+        tail = handle.read(1024)
     except OSError as exc:
         return f"unreadable archive: {exc}"
     if size == 0 or size % 512 or len(tail) < 1024 or tail.strip(b"\0"):
@@ -118,23 +131,31 @@ def _target(text: bytes, classes: int | None) -> tuple[int | None, str | None]:
     return target, None
 
 
-def count_samples(shards: Sequence[Path]) -> int:
-    """Samples (image members) of the shards, from the tar headers alone (seeks over payloads)."""
+def count_samples(root: DataRoot, shards: Sequence[StoredFile]) -> int:
+    """Samples (image members) of the shards, from the tar headers alone (seeks over payloads;
+    a shard in S3 is downloaded into the cache for it, where the first epoch may find it)."""
     total = 0
     for shard in shards:
         try:
-            with tarfile.open(shard, mode="r") as archive:
+            with root.open(shard) as handle, tarfile.open(fileobj=handle, mode="r") as archive:
                 total += sum(1 for m in archive.getmembers() if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES))
-        except (tarfile.TarError, OSError, EOFError):
+        except (tarfile.TarError, OSError, EOFError, StorageError):
             continue  # reported, by name, when the shard is read
     return total
 
 
 class _ShardStream(torch.utils.data.IterableDataset[Sample]):
     def __init__(
-        self, shards: Sequence[Path], shape: tuple[int, int, int], classes: int | None, seed: int, buffer: int
+        self,
+        root: DataRoot,
+        shards: Sequence[StoredFile],
+        shape: tuple[int, int, int],
+        classes: int | None,
+        seed: int,
+        buffer: int,
     ) -> None:
-        self.shards, self.shape, self.classes, self.seed, self.buffer = list(shards), shape, classes, seed, buffer
+        self.root, self.shards, self.shape, self.classes = root, list(shards), shape, classes
+        self.seed, self.buffer = seed, buffer
 
     def __iter__(self) -> Iterator[Sample]:
         info = torch.utils.data.get_worker_info()
@@ -143,8 +164,8 @@ class _ShardStream(torch.utils.data.IterableDataset[Sample]):
         rng = random.Random(f"{self.seed}:{worker}")
         pool: list[Sample] = []
         for shard in mine:
-            for key, image, target, problem in _samples(shard, self.classes):
-                where = f"{shard.name}:{key}" if key else shard.name
+            for key, image, target, problem in _samples(self.root, shard, self.classes):
+                where = f"{shard.key}:{key}" if key else shard.key
                 if problem is not None or image is None or target is None:
                     item: Sample = (problem or "unreadable sample", -1, where)
                 else:
@@ -164,7 +185,8 @@ class TarShardSplit:
 
     def __init__(
         self,
-        shards: Sequence[Path],
+        root: DataRoot,
+        shards: Sequence[StoredFile],
         shape: tuple[int, int, int],
         classes: int | None,
         bad: BadRecords,
@@ -172,9 +194,9 @@ class TarShardSplit:
         loader_workers: int = 2,
         shuffle_buffer: int = 1000,
     ) -> None:
-        self.shards, self.shape, self.classes, self.bad = list(shards), shape, classes, bad
+        self.root, self.shards, self.shape, self.classes, self.bad = root, list(shards), shape, classes, bad
         self.loader_workers, self.shuffle_buffer = loader_workers, shuffle_buffer
-        self.size = count_samples(self.shards)
+        self.size = count_samples(root, self.shards)
 
     def __len__(self) -> int:
         return self.size
@@ -196,7 +218,9 @@ class TarShardSplit:
             random.Random(seed).shuffle(shards)
         workers = min(self.loader_workers, len(shards))
         loader = torch.utils.data.DataLoader(
-            _ShardStream(shards, self.shape, self.classes, seed or 0, self.shuffle_buffer if seed is not None else 0),
+            _ShardStream(
+                self.root, shards, self.shape, self.classes, seed or 0, self.shuffle_buffer if seed is not None else 0
+            ),
             batch_size=batch_size,
             num_workers=workers,
             collate_fn=keep_all,
@@ -209,12 +233,14 @@ def load_tar_shards(
 ) -> SiteData:
     """The site's splits from the shards under `spec.uri` (validation: a share of the shards);
     `spec.test_uri`, when set, is a second shard directory."""
-    assert spec.uri is not None  # DataSpec guarantees it
     bad = BadRecords.from_spec(spec)
-    shards = list_shards(Path(spec.uri))
+    root, test_root = data_roots(spec)
+    shards = list_shards(root)
     val = validation_shards(shards, split_seed, val_fraction)
     options = {"loader_workers": spec.loader_workers}
-    train = TarShardSplit([s for s in shards if s not in val], shape, classes, bad, **options)
-    validation = TarShardSplit(sorted(val), shape, classes, bad, **options)
-    test = TarShardSplit(list_shards(Path(spec.test_uri)), shape, classes, bad, **options) if spec.test_uri else None
+    train = TarShardSplit(root, [s for s in shards if s not in val], shape, classes, bad, **options)
+    validation = TarShardSplit(root, sorted(val, key=lambda f: f.key), shape, classes, bad, **options)
+    test = None
+    if test_root is not None:
+        test = TarShardSplit(test_root, list_shards(test_root), shape, classes, bad, **options)
     return SiteData(train=train, val=validation, test=test)

@@ -136,26 +136,24 @@ def data_spec(site: SiteTaskView, mount: str = PVC_MOUNT) -> DataSpec:
             test_samples=default.test_samples if d.test_samples is None else d.test_samples,
         )
     if d.kind is DataKind.S3:
-        return DataSpec(source=DataSource.NPZ, uri=d.uri, test_uri=d.test_uri, augment=d.augment)
+        uri, test_uri = d.uri, d.test_uri
+    else:
+        uri, test_uri = f"{mount}/{d.path}", f"{mount}/{d.test_path}" if d.test_path else None
     if d.format in ("image-folder", "tar-shards", "plugin"):
         return DataSpec(
             augment=d.augment,
             source=DataSource(d.format),
             dataset=d.dataset,
             params=dict(d.params),
-            uri=f"{mount}/{d.path}",
-            test_uri=f"{mount}/{d.test_path}" if d.test_path else None,
+            uri=uri,
+            test_uri=test_uri,
             index=d.index,
             on_bad_record=d.on_bad_record,
             max_bad_records=d.max_bad_records,
             loader_workers=d.loader_workers,
+            cache_mib=d.cache_mib,
         )
-    return DataSpec(
-        augment=d.augment,
-        source=DataSource.NPZ,
-        uri=f"{mount}/{d.path}",
-        test_uri=f"{mount}/{d.test_path}" if d.test_path else None,
-    )
+    return DataSpec(augment=d.augment, source=DataSource.NPZ, uri=uri, test_uri=test_uri)
 
 
 def task_spec(site: SiteTaskView) -> TaskSpec:

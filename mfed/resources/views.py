@@ -21,7 +21,7 @@ from mfed.methods import Method
 from mfed.naming import KUEUE_QUEUE_LABEL, LABEL_CHAIN
 from mfed.privacy.settings import PrivacySettingError, PrivacySettings
 from mfed.resources.selectors import LabelSelector
-from mfed.spec import TASK_NAME, ArchSpec, AugmentSpec, SharingMode, SharingPolicy, SiteStrategy, SpecError
+from mfed.spec import TASK_NAME, ArchSpec, AugmentSpec, DataSpec, SharingMode, SharingPolicy, SiteStrategy, SpecError
 
 FEDERATION_NAME_MAX = 63
 
@@ -57,12 +57,13 @@ class SiteData:
     claim_name: str | None = None
     path: str | None = None
     test_path: str | None = None
-    # pvc: what `path` is (an .npz file, or an image folder), its index, and bad records' fate
+    # pvc / s3: what `path` or `uri` is (an .npz file, an image folder, ...), its index, and bad records' fate
     format: str = "npz"
     index: str | None = None
     on_bad_record: str = "fail"
     max_bad_records: int = 0
     loader_workers: int = 2
+    cache_mib: int = 2048  # s3 image-folder / tar-shards: the trainer's local cache of shards
     dataset: str | None = None  # format plugin: the mfed.datasets entry point, and its parameters
     params: Mapping[str, Any] = field(default_factory=dict)
     augment: AugmentSpec = AugmentSpec()  # spec.data.augment: training batches only, any source
@@ -208,14 +209,21 @@ def _site_data_source(f: Fields, kind: DataKind) -> SiteData:
         uri = d.str("uri")
         if not uri.startswith("s3://"):
             raise FieldError(f"{d.path}.uri", "must be an s3://bucket/key URI")
-        return SiteData(kind=kind, uri=uri, test_uri=d.opt_str("testUri"))
+        formatted = _formatted(d, ("npz", "image-folder", "tar-shards"))
+        return SiteData(kind=kind, uri=uri, test_uri=d.opt_str("testUri"), **formatted)
     path = d.str("path")
     if path.startswith("/") or ".." in path:
         raise FieldError(f"{d.path}.path", "must be a relative path inside the volume without '..'")
-    data_format = d.str("format", "npz", choices=["npz", "image-folder", "tar-shards", "plugin"])
+    formatted = _formatted(d, ("npz", "image-folder", "tar-shards", "plugin"))
+    return SiteData(kind=kind, claim_name=d.str("claimName"), path=path, test_path=d.opt_str("testPath"), **formatted)
+
+
+def _formatted(d: Fields, formats: tuple[str, ...]) -> dict[str, Any]:
+    """What the site's files are and how they are read, the same fields for a PVC and an S3 prefix."""
+    data_format = d.str("format", "npz", choices=list(formats))
     if (data_format == "plugin") != d.has("dataset"):
         raise FieldError(f"{d.path}.dataset", "names the mfed.datasets reader of format: plugin (and only of it)")
-    streamed_only = [k for k in ("onBadRecord", "maxBadRecords", "loaderWorkers") if d.has(k)]
+    streamed_only = [k for k in ("onBadRecord", "maxBadRecords", "loaderWorkers", "cacheMiB") if d.has(k)]
     if streamed_only and data_format == "npz":
         raise FieldError(
             f"{d.path}.{streamed_only[0]}", "applies to format image-folder or tar-shards; set the format or drop it"
@@ -225,19 +233,16 @@ def _site_data_source(f: Fields, kind: DataKind) -> SiteData:
     folder_index = d.opt_str("index")
     if folder_index is not None and (folder_index.startswith("/") or ".." in folder_index):
         raise FieldError(f"{d.path}.index", "must be a path inside the image folder without '..'")
-    return SiteData(
-        kind=kind,
-        claim_name=d.str("claimName"),
-        path=path,
-        test_path=d.opt_str("testPath"),
-        format=data_format,
-        index=folder_index,
-        on_bad_record=d.str("onBadRecord", "fail", choices=["fail", "skip"]),
-        max_bad_records=d.int("maxBadRecords", 0, minimum=0),
-        loader_workers=d.int("loaderWorkers", 2, minimum=0),
-        dataset=d.opt_str("dataset"),
-        params=d.mapping("params"),
-    )
+    return {
+        "format": data_format,
+        "index": folder_index,
+        "on_bad_record": d.str("onBadRecord", "fail", choices=["fail", "skip"]),
+        "max_bad_records": d.int("maxBadRecords", 0, minimum=0),
+        "loader_workers": d.int("loaderWorkers", 2, minimum=0),
+        "cache_mib": d.int("cacheMiB", DataSpec().cache_mib, minimum=1),
+        "dataset": d.opt_str("dataset"),
+        "params": d.mapping("params"),
+    }
 
 
 def _env_var(f: Fields) -> EnvVar:

@@ -1,4 +1,4 @@
-"""spec.data.pvc.format image-folder from the SiteTask to the trainer's DataSpec (what the Job
+"""spec.data.pvc.format and spec.data.s3.format from the SiteTask to the trainer's DataSpec (what the Job
 runs with), and the operator's own refusals naming the field. The CEL and schema rules are in
 test_crd_rules.py; the trainer's reading of the folder in tests/unit/test_image_folder.py."""
 
@@ -54,6 +54,19 @@ def test_tar_shards_on_a_claim_reach_the_trainer_and_take_no_index():
     assert (spec.source, spec.uri, spec.max_bad_records) == (DataSource.TAR_SHARDS, f"{PVC_MOUNT}/shards", 3)
     with pytest.raises(ResourceError, match=r"spec\.data\.pvc\.index"):
         site("plant-e", data={"pvc": {**pvc, "index": "x.csv"}})
+
+
+def test_shards_under_an_s3_prefix_reach_the_trainer_with_their_cache_and_an_npz_takes_none():
+    s3 = {"uri": "s3://plant/shards", "testUri": "s3://plant/held-out", "format": "tar-shards", "cacheMiB": 512}
+    spec = data_spec(site("plant-f", data={"s3": s3}))
+    assert (spec.source, spec.uri, spec.test_uri) == (DataSource.TAR_SHARDS, "s3://plant/shards", "s3://plant/held-out")
+    assert spec.cache_mib == 512 and spec.to_dict()["cacheMiB"] == 512
+    folder = data_spec(site("plant-g", data={"s3": {"uri": "s3://plant/images", "format": "image-folder"}}))
+    assert (folder.source, folder.cache_mib) == (DataSource.IMAGE_FOLDER, 2048)
+    npz = data_spec(site("plant-h", data={"s3": {"uri": "s3://plant/train.npz"}}))
+    assert npz.source is DataSource.NPZ and "cacheMiB" not in npz.to_dict()  # the Job an .npz always got
+    with pytest.raises(ResourceError, match=r"spec\.data\.s3\.cacheMiB"):
+        site("plant-i", data={"s3": {"uri": "s3://plant/train.npz", "cacheMiB": 64}})
 
 
 def test_a_reader_the_operator_does_not_know_stops_the_round_before_any_job():

@@ -1,8 +1,10 @@
-"""Small synthetic global models, contributions and image folders built with numpy and Pillow
-(no torch)."""
+"""Small synthetic global models, contributions, image folders and tar shards built with numpy
+and Pillow (no torch)."""
 
 from __future__ import annotations
 
+import io
+import tarfile
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -151,3 +153,89 @@ def write_image_folder(root: Path, per_class: int = 40, classes: int = 3, seed: 
             Image.fromarray(pixels, mode="L").save(root / key)
             written[key] = pixels
     return written
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(out, format="PNG")
+    return out.getvalue()
+
+
+def add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def write_tar_shards(
+    root: Path, shards: int = 5, per_shard: int = 24, seed: int = 0
+) -> dict[str, tuple[np.ndarray, int]]:
+    """Samples `<shard>:<key>` -> (pixels, target), written as <key>.png + <key>.cls members."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for s in range(shards):
+        with tarfile.open(root / f"shard-{s:04d}.tar", "w") as archive:
+            for i in range(per_shard):
+                target = (s * per_shard + i) % 3
+                pixels = class_image(target, rng)
+                key = f"{s:04d}{i:04d}"
+                add_member(archive, f"{key}.png", png_bytes(pixels))
+                add_member(archive, f"{key}.cls", str(target).encode())
+                written[f"shard-{s:04d}.tar:{key}"] = (pixels, target)
+    return written
+
+
+IMAGE_FOLDER_CASES = ["unreadable", "mode", "size", "label", "missing"]
+
+
+def spoil_image_folder(root: Path, case: str) -> str:
+    """Spoil one file (or the layout) the way a real data set goes wrong; returns what the
+    message must name."""
+    if case == "unreadable":
+        (root / "class-1" / "005.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        return "class-1/005.png: unreadable image"
+    if case == "mode":
+        Image.new("RGB", (28, 28)).save(root / "class-0" / "007.png")
+        return "class-0/007.png: image mode RGB, the encoder needs L"
+    if case == "size":
+        Image.new("L", (32, 30)).save(root / "class-2" / "001.png")
+        return "class-2/001.png: image size 32x30, the encoder needs 28x28"
+    if case == "label":
+        (root / "class-3").mkdir()
+        Image.new("L", (28, 28)).save(root / "class-3" / "000.png")
+        return "class-3/000.png: target 3 is outside the task's classes 0..2"
+    if case == "missing":
+        (root / "index.csv").write_text("file,target\nclass-0/000.png,0\nclass-0/404.png,0\n")
+        return "class-0/404.png: missing file (named by index.csv line 3)"
+    raise AssertionError(case)
+
+
+def spoil_tar_shards(root: Path, case: str) -> str:
+    """Spoil one shard the way a real data set goes wrong; returns what the message must name."""
+    if case == "empty":
+        with tarfile.open(root / "shard-0009.tar", "w"):
+            pass
+        return "shard-0009.tar: empty shard"
+    if case == "truncated":
+        data = (root / "shard-0001.tar").read_bytes()
+        (root / "shard-0001.tar").write_bytes(data[: len(data) // 2 + 100])
+        return "shard-0001.tar: truncated archive"
+    if case == "no-target":
+        with tarfile.open(root / "shard-0008.tar", "w") as archive:
+            add_member(archive, "lonely.png", png_bytes(np.zeros((28, 28), dtype=np.uint8)))
+        return "shard-0008.tar:lonely: no .cls target"
+    if case == "label":
+        with tarfile.open(root / "shard-0008.tar", "w") as archive:
+            add_member(archive, "far.png", png_bytes(np.zeros((28, 28), dtype=np.uint8)))
+            add_member(archive, "far.cls", b"7")
+        return "shard-0008.tar:far: target 7 is outside the task's classes 0..2"
+    if case == "unreadable":
+        with tarfile.open(root / "shard-0008.tar", "w") as archive:
+            add_member(archive, "junk.png", b"not a png")
+            add_member(archive, "junk.cls", b"1")
+        return "shard-0008.tar:junk: unreadable image"
+    raise AssertionError(case)
+
+
+TAR_SHARD_CASES = ["empty", "truncated", "no-target", "label", "unreadable"]

@@ -3,7 +3,7 @@ sub-folders or an index, decoded batch by batch in DataLoader workers (Pillow), 
 file. The oracle for the pixels is numpy on the arrays the files were written from.
 
 What this does not check: a PVC mounted by a real kubelet (the e2e tests' kubelet runs the
-trainer in process), and S3 (an image folder is read from a directory only)."""
+trainer in process); S3: tests/e2e/test_data_from_s3.py reads an image folder from SeaweedFS."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mfed.learning.data import DataError
+from mfed.learning.data_root import LocalRoot
 from mfed.learning.image_folder import (
     BadRecords,
     ImageFolderSplit,
@@ -38,7 +38,7 @@ from mfed.spec import (
     TrainingSpec,
 )
 from mfed.storage import Storage
-from tests.unit.factories import write_image_folder
+from tests.unit.factories import IMAGE_FOLDER_CASES, spoil_image_folder, write_image_folder
 
 ENCODER = ArchSpec(name="small_cnn")
 GROUP = TaskGroupSpec(
@@ -82,9 +82,10 @@ def test_a_site_trains_a_round_on_its_imagewrite_image_folder(tmp_path):
 
 def test_the_decoded_batches_are_the_pixels_that_were_written(tmp_path):
     written = write_image_folder(tmp_path / "images", per_class=5)
-    records, classes = list_class_folders(tmp_path / "images", BadRecords())
+    root = LocalRoot(tmp_path / "images")
+    records, classes = list_class_folders(root, BadRecords())
     assert classes == ("class-0", "class-1", "class-2")
-    split = ImageFolderSplit(tmp_path / "images", records, (1, 28, 28), BadRecords(), loader_workers=2)
+    split = ImageFolderSplit(root, records, (1, 28, 28), BadRecords(), loader_workers=2)
     order = [torch.tensor([3, 0, 14]), torch.tensor([7])]
     batches = list(split.batches(order))
     for index, (x, y) in zip(order, batches, strict=True):
@@ -103,32 +104,10 @@ def test_the_validation_split_of_a_file_does_not_move_when_files_are_added(tmp_p
     assert {k for k in keys if in_validation(k, 8, 0.2)} != before  # the seed decides
 
 
-def _break(root: Path, case: str) -> str:
-    """Spoil one file (or the layout) the way a real data set goes wrong; returns what the
-    message must name."""
-    if case == "unreadable":
-        (root / "class-1" / "005.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-        return "class-1/005.png: unreadable image"
-    if case == "mode":
-        Image.new("RGB", (28, 28)).save(root / "class-0" / "007.png")
-        return "class-0/007.png: image mode RGB, the encoder needs L"
-    if case == "size":
-        Image.new("L", (32, 30)).save(root / "class-2" / "001.png")
-        return "class-2/001.png: image size 32x30, the encoder needs 28x28"
-    if case == "label":
-        (root / "class-3").mkdir()
-        Image.new("L", (28, 28)).save(root / "class-3" / "000.png")
-        return "class-3/000.png: target 3 is outside the task's classes 0..2"
-    if case == "missing":
-        (root / "index.csv").write_text("file,target\nclass-0/000.png,0\nclass-0/404.png,0\n")
-        return "class-0/404.png: missing file (named by index.csv line 3)"
-    raise AssertionError(case)
-
-
-@pytest.mark.parametrize("case", ["unreadable", "mode", "size", "label", "missing"])
+@pytest.mark.parametrize("case", IMAGE_FOLDER_CASES)
 def test_a_bad_record_fails_the_site_naming_the_file_and_the_problem(tmp_path, case):
     write_image_folder(tmp_path / "images", per_class=12)
-    expected = _break(tmp_path / "images", case)
+    expected = spoil_image_folder(tmp_path / "images", case)
     index = "index.csv" if case == "missing" else None
     data = DataSpec(source=DataSource.IMAGE_FOLDER, uri=str(tmp_path / "images"), index=index, loader_workers=0)
     with pytest.raises(BadInput, match=expected.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
@@ -138,7 +117,7 @@ def test_a_bad_record_fails_the_site_naming_the_file_and_the_problem(tmp_path, c
 @pytest.mark.parametrize("case", ["unreadable", "mode", "size", "label"])
 def test_with_on_bad_record_skip_the_site_trains_and_counts_what_it_left_out(tmp_path, case):
     write_image_folder(tmp_path / "images", per_class=12)
-    _break(tmp_path / "images", case)
+    spoil_image_folder(tmp_path / "images", case)
     data = DataSpec(
         source=DataSource.IMAGE_FOLDER, uri=str(tmp_path / "images"), on_bad_record="skip", max_bad_records=3
     )

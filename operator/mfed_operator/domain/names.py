@@ -9,9 +9,9 @@ from mfed.naming import FEDERATIONROUNDS as FEDERATIONROUNDS
 from mfed.naming import GROUP as GROUP
 from mfed.naming import KUEUE_QUEUE_LABEL as KUEUE_QUEUE_LABEL
 from mfed.naming import LABEL_CHAIN as LABEL_CHAIN
+from mfed.naming import MAX_DNS_LABEL, dns_name
 from mfed.naming import ROUND_KIND as ROUND_KIND
 from mfed.naming import SITETASK_KIND as SITETASK_KIND
-from mfed.naming import MAX_DNS_LABEL, dns_name
 from mfed.naming import VERSION as VERSION
 
 SITETASKS = "sitetasks"

@@ -69,7 +69,7 @@ def generate(root: Path, gigabytes: float) -> tuple[int, float]:
     return files, total / 1e9
 
 
-def _tree_rss_mb(pid: int) -> float:
+def tree_pss_mb(pid: int) -> float:
     """PSS of `pid` and its children (the loader workers) summed, in MB."""
     total = 0
     pids = [pid]
@@ -106,7 +106,7 @@ def child(mode: str, args: argparse.Namespace) -> None:
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], _tree_rss_mb(os.getpid()))
+            peak[0] = max(peak[0], tree_pss_mb(os.getpid()))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -17,16 +17,18 @@ object store both stream that at full speed), and the standard library reads the
   target check), and a shard is checked as it is read: an empty shard, a truncated archive, an
   image without its .cls target; the bad-record policy (fail / skip with a cap) is the image
   folder's.
-- Counting a split's samples (the trainer plans its steps from it) reads the tar headers only.
+- Counting a split's samples (the trainer plans its steps from it) reads the tar headers only,
+  or nothing when a shard index (`shardindex.json`, WebDataset's wids format) records them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import tarfile
-from collections.abc import Iterator, Sequence
-from typing import BinaryIO
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, BinaryIO
 
 import torch
 
@@ -37,15 +39,54 @@ from mfed.spec import DataSpec
 from mfed.storage import StorageError
 
 TARGET_SUFFIX = ".cls"
+# A shard index beside the shards: their sample counts, so counting needs no pass over them
+# (for S3, no download before training). WebDataset's wids format; optional.
+SHARD_INDEX = "shardindex.json"
 Sample = Decoded  # the decoded image or its problem, the target, "shard:key"
 
 
 def list_shards(root: DataRoot) -> list[StoredFile]:
     """The `.tar` files at the top of the root (a directory, or an S3 prefix)."""
-    shards = [f for f in root.files() if "/" not in f.key and f.key.endswith(".tar")]
+    return shard_listing(root)[0]
+
+
+def shard_listing(root: DataRoot) -> tuple[list[StoredFile], dict[str, int] | None]:
+    """The shards, and their sample counts when the root holds a shard index (SHARD_INDEX)."""
+    files = root.files()
+    shards = [f for f in files if "/" not in f.key and f.key.endswith(".tar")]
     if not shards:
         raise DataError(f"{root.uri}: no .tar shards; write the samples as <key>.png + <key>.cls members of .tar files")
-    return shards
+    if not any(f.key == SHARD_INDEX for f in files):
+        return shards, None
+    return shards, read_shard_index(root, shards)
+
+
+def read_shard_index(root: DataRoot, shards: Sequence[StoredFile]) -> dict[str, int]:
+    """Shard -> samples from the root's `shardindex.json` (WebDataset's wids-shard-index-v1:
+    {"shardlist": [{"url": "shard-0000.tar", "nsamples": 500, "filesize": 8192000}, ...]}),
+    checked against the shards present: an index that misses a shard, names one that is not
+    there, or records another size is stale, and the site fails naming it."""
+    where = f"{root.uri}/{SHARD_INDEX}"
+    try:
+        document = json.loads(root.read(SHARD_INDEX))
+        entries = {str(e["url"]): e for e in document["shardlist"]}
+        counts = {url: int(e["nsamples"]) for url, e in entries.items()}
+    except (OSError, StorageError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(
+            f"{where}: not a shard index ({type(exc).__name__}: {exc}); regenerate it or remove it"
+        ) from None
+    present = {s.key: s for s in shards}
+    stale = sorted(set(present) ^ set(entries))
+    if stale:
+        state = "has no entry for" if stale[0] in present else "names"
+        raise DataError(f"{where} {state} {stale[0]}, unlike the shards present; regenerate the index or remove it")
+    for key, shard in present.items():
+        size = entries[key].get("filesize")
+        if (size is not None and int(size) != shard.size) or counts[key] < 0:
+            raise DataError(
+                f"{where}: its entry for {key} does not match the shard ({shard.size} bytes); regenerate it"
+            )
+    return counts
 
 
 def validation_shards(shards: Sequence[StoredFile], seed: int, fraction: float) -> set[StoredFile]:
@@ -193,10 +234,12 @@ class TarShardSplit:
         *,
         loader_workers: int = 2,
         shuffle_buffer: int = 1000,
+        counts: Mapping[str, int] | None = None,
     ) -> None:
+        """`counts`: shard -> samples from a shard index; None: counted from the tar headers."""
         self.root, self.shards, self.shape, self.classes, self.bad = root, list(shards), shape, classes, bad
         self.loader_workers, self.shuffle_buffer = loader_workers, shuffle_buffer
-        self.size = count_samples(root, self.shards)
+        self.size = count_samples(root, self.shards) if counts is None else sum(counts[s.key] for s in self.shards)
 
     def __len__(self) -> int:
         return self.size
@@ -235,12 +278,15 @@ def load_tar_shards(
     `spec.test_uri`, when set, is a second shard directory."""
     bad = BadRecords.from_spec(spec)
     root, test_root = data_roots(spec)
-    shards = list_shards(root)
+    shards, counts = shard_listing(root)
     val = validation_shards(shards, split_seed, val_fraction)
-    options = {"loader_workers": spec.loader_workers}
+    options: dict[str, Any] = {"loader_workers": spec.loader_workers, "counts": counts}
     train = TarShardSplit(root, [s for s in shards if s not in val], shape, classes, bad, **options)
     validation = TarShardSplit(root, sorted(val, key=lambda f: f.key), shape, classes, bad, **options)
     test = None
     if test_root is not None:
-        test = TarShardSplit(test_root, list_shards(test_root), shape, classes, bad, **options)
+        test_shards, test_counts = shard_listing(test_root)
+        test = TarShardSplit(
+            test_root, test_shards, shape, classes, bad, loader_workers=spec.loader_workers, counts=test_counts
+        )
     return SiteData(train=train, val=validation, test=test)

@@ -8,6 +8,7 @@ federations use it too), and a disk filling up under the cache (its bound is che
 
 from __future__ import annotations
 
+import json
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 from mfed.learning.data import DataError
 from mfed.learning.data_root import DataCache, LocalRoot, S3Root
 from mfed.learning.image_folder import BadRecords, list_class_folders
-from mfed.learning.tar_shards import TarShardSplit, list_shards
+from mfed.learning.tar_shards import SHARD_INDEX, TarShardSplit, list_shards, shard_listing
 from mfed.rounds.site_round import run_site_round
 from mfed.spec import DataSource, DataSpec
 from mfed.storage import S3Settings, Storage
@@ -94,6 +95,25 @@ def test_tar_shards_in_s3_stream_the_same_samples_as_the_directory_and_the_cache
     tiny = S3Root(uri, DataCache(tmp_path / "tiny", limit_bytes=largest - 1), s3_env)
     with pytest.raises(DataError, match=r"larger than the data cache .* raise spec\.data\.s3\.cacheMiB"):
         tiny.open(list_shards(tiny)[0])
+
+
+def test_with_a_shard_index_in_s3_nothing_is_downloaded_before_training(
+    seaweed: SeaweedFS, s3_env: S3Settings, tmp_path: Path
+) -> None:
+    write_tar_shards(tmp_path / "shards", shards=4, per_shard=6)
+    shardlist = [
+        {"url": p.name, "nsamples": 6, "filesize": p.stat().st_size} for p in sorted((tmp_path / "shards").iterdir())
+    ]
+    (tmp_path / "shards" / SHARD_INDEX).write_text(
+        json.dumps({"__kind__": "wids-shard-index-v1", "shardlist": shardlist})
+    )
+    uri = _upload(seaweed, tmp_path / "shards", "indexed/shards")
+    cache = DataCache(tmp_path / "cache", 2**20)
+    remote = S3Root(uri, cache, s3_env)
+    shards, counts = shard_listing(remote)
+    split = TarShardSplit(remote, shards, (1, 28, 28), 3, BadRecords(), loader_workers=0, counts=counts)
+    assert len(split) == 24 and cache.held_bytes() == 0  # planned from the index: no shard fetched
+    assert len(_stream(split)) == 24 and cache.held_bytes() > 0  # then read through the cache
 
 
 def test_an_image_folder_in_s3_trains_a_site_round_and_lists_as_the_directory(

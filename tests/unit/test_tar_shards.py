@@ -6,14 +6,24 @@ What this does not check: a PVC mounted by a real kubelet (shards in S3: tests/e
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mfed.learning.data_root import LocalRoot, StoredFile
 from mfed.learning.image_folder import BadRecords, OnBadRecord
-from mfed.learning.tar_shards import TarShardSplit, count_samples, list_shards, load_tar_shards, validation_shards
+from mfed.learning.tar_shards import (
+    SHARD_INDEX,
+    TarShardSplit,
+    count_samples,
+    list_shards,
+    load_tar_shards,
+    shard_listing,
+    validation_shards,
+)
 from mfed.rounds.site_round import BadInput, run_site_round
 from mfed.spec import DataSource, DataSpec
 from mfed.storage import Storage
@@ -94,3 +104,50 @@ def test_no_shards_says_how_to_write_them(tmp_path):
             split_seed=0,
         )
     assert BadRecords(policy=OnBadRecord.SKIP).limit == 0
+
+
+def _index(root: Path, counts: dict[str, int], sizes: dict[str, int] | None = None) -> None:
+    sizes = sizes or {}
+    shardlist = [
+        {"url": name, "nsamples": n, "filesize": sizes[name] if name in sizes else (root / name).stat().st_size}
+        for name, n in counts.items()
+    ]
+    (root / SHARD_INDEX).write_text(json.dumps({"__kind__": "wids-shard-index-v1", "shardlist": shardlist}))
+
+
+def test_a_shard_index_gives_the_counts_without_reading_a_header(tmp_path):
+    write_tar_shards(tmp_path / "shards", shards=3, per_shard=4)
+    names = sorted(p.name for p in (tmp_path / "shards").iterdir())
+    root = LocalRoot(tmp_path / "shards")
+    assert count_samples(root, list_shards(root)) == 12  # the headers' count
+    _index(tmp_path / "shards", {name: 100 + i for i, name in enumerate(names)})
+    shards, counts = shard_listing(root)
+    assert [s.key for s in shards] == names and counts == {name: 100 + i for i, name in enumerate(names)}
+    split = TarShardSplit(root, shards, (1, 28, 28), 3, BadRecords(), counts=counts)
+    assert len(split) == 303  # what the trainer plans with comes from the index, not the 12 headers
+
+
+@pytest.mark.parametrize(
+    ("spoil", "words"),
+    [
+        ("missing", "has no entry for shard-0002.tar"),
+        ("extra", "names shard-0009.tar, unlike the shards present"),
+        ("size", "its entry for shard-0000.tar does not match the shard"),
+        ("garbage", "not a shard index"),
+    ],
+)
+def test_a_stale_or_broken_shard_index_fails_the_site_naming_it(tmp_path, spoil, words):
+    write_tar_shards(tmp_path / "shards", shards=3, per_shard=4)
+    counts = {f"shard-{i:04d}.tar": 4 for i in range(3)}
+    if spoil == "missing":
+        del counts["shard-0002.tar"]
+    if spoil == "extra":
+        counts["shard-0009.tar"] = 4
+        _index(tmp_path / "shards", counts, sizes={"shard-0009.tar": 10240})
+    else:
+        _index(tmp_path / "shards", counts, sizes={"shard-0000.tar": 1} if spoil == "size" else None)
+    if spoil == "garbage":
+        (tmp_path / "shards" / SHARD_INDEX).write_text("[1, 2")
+    data = DataSpec(source=DataSource.TAR_SHARDS, uri=str(tmp_path / "shards"))
+    with pytest.raises(BadInput, match=f"shardindex.json.*{words}".replace(".tar", r"\.tar")):
+        run_site_round(_spec(tmp_path, data), Storage())

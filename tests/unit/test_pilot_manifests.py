@@ -22,6 +22,7 @@ from mfed.methods import Method
 from mfed.pilot.config import SCENARIOS, PilotConfig
 from mfed.pilot.manifests import DataPlaces, ManifestError, manifest_pilot, read_manifests, round_length
 from mfed.pilot.runner import pilot_sites
+from mfed.resources.method_settings import aggregation_settings, method_plan
 from tests.unit.factories import write_image_folder
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -48,6 +49,18 @@ def test_the_built_in_pilots_are_their_example_manifests(directory, scenario, me
     assert [from_manifests.task_definition(t) for t in built_in.tasks] == [
         built_in.task_definition(t) for t in built_in.tasks
     ]
+
+
+@pytest.mark.parametrize("directory", ["pilot-default", "pilot-scarce", "fashion-mnist"])
+def test_the_pilot_plans_the_rounds_method_as_the_operator_does(directory):
+    """One reading of the manifest: the pilot's plan of the round's method is the operator's
+    (method_plan, aggregation_settings), but for the round length, which the pilot fixes."""
+    manifests = read_manifests(EXAMPLES / directory)
+    config, _ = manifest_pilot(EXAMPLES / directory, DataPlaces(claims={}))
+    r = manifests.round
+    pilot = config.plan(r.training.method)
+    assert replace(pilot, min_steps=0) == replace(method_plan(r), min_steps=0)
+    assert pilot.aggregation == aggregation_settings(r)
 
 
 def test_the_fashion_mnist_example_pilots_from_its_manifests(tmp_path, capsys):

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from mfed.aggregation.crosstask import GroupUpdate, Level2Rule, Level2Weighting, level2, weighted_mean
+from mfed.aggregation.fused import aggregate_fused_linear
 from mfed.aggregation.linear import Candidate, aggregate_linear, screen_manifests
 from mfed.aggregation.ownership import SHARED_TRACK, dual_keys, owner_of
 from mfed.aggregation.private_round import combine_private, site_norms
@@ -433,17 +434,26 @@ def _aggregate_streamed(
     """The same result as the whole-contribution paths, read tensor by tensor (streaming.py)."""
     # The pool only waits on reads (S3 round trips): the arithmetic stays in this thread, in
     # the same order as without it.
+    linear = settings.level2_rule is Level2Rule.MEAN and not base.sharing.task_level
     with ThreadPoolExecutor(max_workers=PARALLEL_READS, thread_name_prefix="mfed-read") as pool:
-        plan, accepted, refused = _validate_ranged(base_tensors, kept, pool, rejected)
-        rejected = rejected + refused
-        if all(c.in_memory for c in accepted):  # nothing to wait for: no threads, no read-ahead
-            round_ = StreamedRound(base_tensors, accepted)
+        # The mean rule first tries one read per file, checked as it is aggregated (fused.py); a
+        # site that would be refused sends the round down the two-pass path, which records why.
+        opened = [(m, s.open_files) for _site, m, s in kept if s.open_files is not None]
+        plan = ReadPlan.for_round(sum(int(v.size) * 4 for v in base_tensors.values()), len(opened))
+        fused = aggregate_fused_linear(base_tensors, opened, settings.level2_weighting, pool, plan) if linear else None
+        if fused is not None:
+            outcome = fused
         else:
-            round_ = StreamedRound(base_tensors, accepted, pool, plan)
-        if settings.level2_rule is not Level2Rule.MEAN or base.sharing.task_level:
-            outcome = aggregate_streamed_groups(base, base_tensors, round_, settings)
-        else:
-            outcome = aggregate_streamed_linear(base_tensors, round_, settings.level2_weighting)
+            plan, accepted, refused = _validate_ranged(base_tensors, kept, pool, rejected)
+            rejected = rejected + refused
+            if all(c.in_memory for c in accepted):  # nothing to wait for: no threads, no read-ahead
+                round_ = StreamedRound(base_tensors, accepted)
+            else:
+                round_ = StreamedRound(base_tensors, accepted, pool, plan)
+            if linear:
+                outcome = aggregate_streamed_linear(base_tensors, round_, settings.level2_weighting)
+            else:
+                outcome = aggregate_streamed_groups(base, base_tensors, round_, settings)
     manifest = build_global_manifest(
         base,
         round_number,

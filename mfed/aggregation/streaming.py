@@ -198,24 +198,25 @@ def _scan(site: str, label: str, source: ByteRange, expected_sha: str) -> tuple[
     return index, finite
 
 
-def validate_ranged(
+def check_structure(
     manifest: ContributionManifest,
-    delta: ByteRange,
-    decoder: ByteRange,
+    delta_index: TensorIndex,
+    decoder_index: TensorIndex,
     base_tensors: Mapping[str, np.ndarray],
-) -> RangedContribution:
-    """validate.check_tensors over ranged reads: same checks, same order, same reasons."""
+    finite: Mapping[str, Mapping[str, bool]] | None = None,
+) -> None:
+    """The files' keys, shapes and dtypes against the model (and, with `finite`: label ->
+    tensor -> all finite, their values), in validate.check_tensors's order and reasons; raises
+    ContributionRejected."""
     site = manifest.site
-    delta_index, delta_finite = _scan(site, "delta", delta, manifest.delta.sha256)
-    decoder_index, decoder_finite = _scan(site, "decoder", decoder, manifest.decoder.sha256)
     try:
         expected_dtype = StoredDtype.parse(manifest.delta_dtype).value
     except ValueError as exc:
         raise ContributionRejected(site, RejectReason.DTYPE, str(exc)) from exc
     two_track = any(e.name.startswith(SHARED_TRACK) for e in delta_index.entries)
-    for label, part, index, finite, allowed in (
-        ("delta", "encoder", delta_index, delta_finite, {expected_dtype}),
-        ("decoder", "decoder", decoder_index, decoder_finite, {"F32"}),
+    for label, part, index, allowed in (
+        ("delta", "encoder", delta_index, {expected_dtype}),
+        ("decoder", "decoder", decoder_index, {"F32"}),
     ):
         view = contribution_view(base_tensors, manifest.task, part, two_track=two_track)
         expected = Signature.of_arrays(view, dtype="-")
@@ -233,10 +234,24 @@ def validate_ranged(
                     RejectReason.DTYPE,
                     f"{label} {name!r} is stored as {stored[name]}, expected {sorted(allowed)[0]}",
                 )
-            if not finite[name]:
+            if finite is not None and not finite[label][name]:
                 raise ContributionRejected(
                     site, RejectReason.NON_FINITE, f"{label} {name!r} holds NaN or infinite values"
                 )
+
+
+def validate_ranged(
+    manifest: ContributionManifest,
+    delta: ByteRange,
+    decoder: ByteRange,
+    base_tensors: Mapping[str, np.ndarray],
+) -> RangedContribution:
+    """validate.check_tensors over ranged reads: same checks, same order, same reasons."""
+    site = manifest.site
+    delta_index, delta_finite = _scan(site, "delta", delta, manifest.delta.sha256)
+    decoder_index, decoder_finite = _scan(site, "decoder", decoder, manifest.decoder.sha256)
+    finite = {"delta": delta_finite, "decoder": decoder_finite}
+    check_structure(manifest, delta_index, decoder_index, base_tensors, finite)
     return RangedContribution(
         manifest=manifest,
         delta=delta,
@@ -326,7 +341,7 @@ class StreamedRound:
             return
         largest = max(c.stored_bytes(key) for c, key in wanted)
         window = max(1, min(PARALLEL_READS, self._plan.read_budget // max(largest, 1)))
-        yield from _bounded_map(self._pool, lambda item: read(*item), wanted, window)
+        yield from bounded_map(self._pool, lambda item: read(*item), wanted, window)
 
     def site_tensors(self, site_key: str, task: str | None = None) -> Iterator[tuple[RangedContribution, np.ndarray]]:
         """(contribution, its tensor `site_key`) for every site (of `task`, if given), sorted by site."""
@@ -490,7 +505,7 @@ def validate_all(
     if pool is None or workers < 2:
         outcomes: Iterator[object] = map(check, ordered)
     else:
-        outcomes = _bounded_map(pool, check, ordered, workers)
+        outcomes = bounded_map(pool, check, ordered, workers)
     accepted: list[RangedContribution] = []
     rejected: list[Rejection] = []
     for outcome in outcomes:
@@ -502,7 +517,7 @@ def validate_all(
     return accepted, rejected
 
 
-def _bounded_map(pool: Executor, fn: Callable[[T], R], items: Sequence[T], window: int) -> Iterator[R]:
+def bounded_map(pool: Executor, fn: Callable[[T], R], items: Sequence[T], window: int) -> Iterator[R]:
     """fn over items on the pool, at most `window` at once, results in order."""
     pending: deque[Future[R]] = deque()
     for item in items:

@@ -22,7 +22,8 @@ Memory, for a float32 model of M bytes whose largest tensor has T bytes as float
 not counted: the caller holds it): the result's buffer M, its final bytes copy M (at the very
 end, when nothing else is held), the Gram pass's budget (default M) and a few float64
 temporaries of one tensor (about 6T). So peak ~ 2M + 6T, whatever the number of sites or
-groups. The price is reads: 2 passes over every contribution for the mean rule, 3 for the rest.
+groups. The price is reads: 2 passes over every contribution for the mean rule (one when every
+site passes: fused.py checks the files as it aggregates them), 3 for the rest.
 
 Plugging in another per-coordinate rule (median, trimmed mean...): `site_tensors(key)` of
 `StreamedRound` yields (contribution, tensor) for one key in sorted site order; a rule that

@@ -90,6 +90,10 @@ class S3Root:
         self.cache, self.settings = cache, settings or S3Settings.from_env()
         self._client: tuple[int, Any] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The pilot hands a site's data to spawned worker processes: a client does not pickle.
+        return {**self.__dict__, "_client": None}
+
     def _s3(self) -> Any:
         # A forked loader worker must not share the trainer's connection pool: one client per process.
         if self._client is None or self._client[0] != os.getpid():

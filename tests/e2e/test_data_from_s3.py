@@ -9,6 +9,7 @@ federations use it too), and a disk filling up under the cache (its bound is che
 from __future__ import annotations
 
 import json
+import pickle
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -216,3 +217,14 @@ def test_a_shard_that_is_not_an_archive_is_refused_before_it_is_trained_on(
     with pytest.raises(DataError, match=r"shard-0001\.tar: truncated archive"):
         _stream(split)
     assert tarfile.is_tarfile(tmp_path / "shards" / "shard-0000.tar")
+
+
+def test_an_s3_root_travels_to_a_spawned_worker_without_its_client(
+    seaweed: SeaweedFS, s3_env: S3Settings, tmp_path: Path
+) -> None:
+    """The pilot pickles a site's data into its worker processes (spawn)."""
+    write_image_folder(tmp_path / "images", per_class=2)
+    root = S3Root(_upload(seaweed, tmp_path / "images", "pickled/images"), DataCache(tmp_path / "c", 1), s3_env)
+    listed = root.files()  # the client now exists
+    copy = pickle.loads(pickle.dumps(root))
+    assert copy.files() == listed and copy.read(listed[0].key) == root.read(listed[0].key)

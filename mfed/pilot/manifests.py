@@ -75,7 +75,11 @@ def _documents(directory: Path) -> list[tuple[Path, dict[str, Any]]]:
                 continue
             if not isinstance(doc, dict):
                 raise ManifestError(f"{path}: document {i + 1} is not an object with apiVersion and kind")
-            documents.append((path, doc))
+            # `kubectl get -o yaml` writes a List of the objects; kubectl apply takes it as they are
+            items = doc.get("items") if doc.get("kind") == "List" else [doc]
+            if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+                raise ManifestError(f"{path}: document {i + 1} is a List whose items are not objects")
+            documents += [(path, item) for item in items]
     return documents
 
 
@@ -118,9 +122,14 @@ def read_manifests(directory: Path, round_name: str | None = None) -> Manifests:
         )
     )
     if not sites:
+        elsewhere = sorted(
+            {s.namespace or "(none)" for s in site_tasks if s.federation == r.federation and s.namespace != r.namespace}
+        )
+        hint = f" (SiteTasks of that federation name namespace {', '.join(elsewhere)})" if elsewhere else ""
         raise ManifestError(
-            f"{directory}: no SiteTask of federation {r.federation} matches FederationRound {r.name}'s "
-            "spec.siteSelector; add SiteTasks or fix the selector"
+            f"{directory}: no SiteTask of federation {r.federation} in the round's namespace "
+            f"{r.namespace or '(none)'} matches FederationRound {r.name}'s spec.siteSelector{hint}; "
+            "add SiteTasks, fix the selector or make the namespaces agree"
         )
     problems = site_disagreements(r, sites)
     if problems:

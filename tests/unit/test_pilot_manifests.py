@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mfed.cli import main
 from mfed.methods import Method
@@ -190,3 +191,17 @@ def test_sites_of_different_sizes_train_the_largest_sites_round_length_with_a_no
     assert note is not None and "fewer (b 4)" in note and "minSteps = maxSteps" in note
     capped = replace(r, training=replace(r.training, max_steps=5))
     assert round_length(capped, {"a": 240, "b": 240}) == (5, None)
+
+
+def test_a_list_of_objects_as_kubectl_get_writes_it_is_read_and_namespaces_must_agree(tmp_path):
+    manifests = _image_folder_federation(tmp_path)
+    sites = list(yaml.safe_load_all((manifests / "sites.yaml").read_text()))
+    listed = {"apiVersion": "v1", "kind": "List", "items": sites}
+    (manifests / "sites.yaml").write_text(yaml.safe_dump(listed))
+    assert [s.name for s in read_manifests(manifests).sites] == ["plant-a", "plant-b"]
+    for site in sites:
+        site["metadata"]["namespace"] = "plant-floor"
+    (manifests / "sites.yaml").write_text(yaml.safe_dump(listed))
+    elsewhere = r"namespace \(none\) matches .*\(SiteTasks of that federation name namespace plant-floor\)"
+    with pytest.raises(ManifestError, match=elsewhere):
+        read_manifests(manifests)

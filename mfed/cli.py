@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -101,6 +102,12 @@ def _pilot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=Path,
         help="with -f: read s3://BUCKET/KEY data from S3-DIR/BUCKET/KEY (default: from S3, with the MFED_S3_* "
         "environment a site Job gets)",
+    )
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="with -f: the S3 endpoint the sites' s3:// data is read from, e.g. http://127.0.0.1:8333 (default: "
+        "MFED_S3_ENDPOINT; credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, as a site Job)",
     )
     p.add_argument("--quick", action="store_true", help="a tiny run for smoke tests (2 rounds, 1 site per task)")
     p.add_argument(
@@ -299,13 +306,20 @@ def manifest_config_from_args(args: argparse.Namespace) -> tuple[PilotConfig, li
             overrides[name] = value
     if args.attack:
         overrides["attack"] = Attack(kind=AttackKind(args.attack), site=args.attack_site)
+    if args.storage is not None:
+        if not args.storage.startswith(("http://", "https://")):
+            raise PilotConfigError(f"--storage {args.storage}: use an http:// or https:// URL of the S3 endpoint")
+        if args.s3_dir is not None:
+            raise PilotConfigError("--storage and --s3-dir both say where s3:// data is: choose one")
+        # The environment, as a Job gets it: the trainer's code and the spawned site workers read it.
+        os.environ["MFED_S3_ENDPOINT"] = args.storage
     places = DataPlaces(claims=dict(args.data), s3_dir=args.s3_dir)
     return manifest_pilot(args.filename, places, round_name=args.round_name, **overrides)
 
 
 def config_from_args(args: argparse.Namespace) -> PilotConfig:
-    if args.data or args.s3_dir or args.round_name:
-        raise PilotConfigError("--data, --s3-dir and --round read manifests: use them with -f DIR")
+    if args.data or args.s3_dir or args.round_name or args.storage:
+        raise PilotConfigError("--data, --s3-dir, --storage and --round read manifests: use them with -f DIR")
     base = PilotConfig(scenario=args.scenario, **SCENARIOS[args.scenario])
     if args.quick:
         base = replace(base, **QUICK)

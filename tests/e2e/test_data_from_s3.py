@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
+from mfed.cli import main
 from mfed.learning.data import DataError
 from mfed.learning.data_root import DataCache, LocalRoot, S3Root
 from mfed.learning.image_folder import BadRecords, list_class_folders
@@ -228,3 +230,36 @@ def test_an_s3_root_travels_to_a_spawned_worker_without_its_client(
     listed = root.files()  # the client now exists
     copy = pickle.loads(pickle.dumps(root))
     assert copy.files() == listed and copy.read(listed[0].key) == root.read(listed[0].key)
+
+
+def test_the_pilot_reads_a_federations_s3_image_folders_from_the_endpoint_it_is_given(
+    seaweed: SeaweedFS, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`mfed pilot -f DIR --storage URL`: the sites' spec.data.s3 read from that S3 endpoint."""
+    monkeypatch.delenv("MFED_S3_ENDPOINT", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    documents = []
+    for seed, site in enumerate(("line-a", "line-b")):
+        write_image_folder(tmp_path / site / "train", per_class=10, seed=seed)
+        write_image_folder(tmp_path / site / "test", per_class=3, seed=seed + 10)
+        train = _upload(seaweed, tmp_path / site / "train", f"pilot/{site}/train")
+        test = _upload(seaweed, tmp_path / site / "test", f"pilot/{site}/test")
+        body = m.sitetask("", site, federation="lines", task="parts", task_type="classification", shard=0, shards=1)
+        body["metadata"].pop("namespace")
+        body["spec"]["task"]["params"] = {"num_classes": 3}
+        body["spec"]["data"] = {"s3": {"uri": train, "testUri": test, "format": "image-folder"}}
+        documents.append(body)
+    fr = m.federation_round("", "lines-r1", federation="lines", bucket=BUCKET, endpoint=seaweed.endpoint)
+    fr["metadata"].pop("namespace")
+    fr["spec"]["training"] = {"method": "m-fed", "minSteps": 2, "maxSteps": 2, "batchSize": 8}
+    documents.append(fr)
+    (manifests / "federation.yaml").write_text(yaml.safe_dump_all(documents))
+    out = tmp_path / "out"
+    argv = ["pilot", "-f", str(manifests), "--storage", seaweed.endpoint, "--methods", "local,m-fed"]
+    assert main([*argv, "--workers", "0", "--no-progress", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["sites"]["line-a"]["data"]["uri"] == f"s3://{BUCKET}/pilot/line-a/train"
+    assert results["methods"]["mfed"]["site_steps"]["0"] == {"line-a": 2, "line-b": 2}

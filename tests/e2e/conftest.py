@@ -83,6 +83,17 @@ class Cluster:
             ),
         )
 
+    def last_round(self, site: str, round_name: str) -> dict[str, Any]:
+        """The SiteTask's status.lastRound once it names `round_name`: the operator reports it to
+        the sites after the round has ended, so a test that read it at once would race."""
+
+        def reported() -> dict[str, Any] | None:
+            body = self.client.get("mfed.dev/v1alpha1", "sitetasks", self.namespace, site) or {}
+            last = dict((body.get("status") or {}).get("lastRound") or {})
+            return last if last.get("name") == round_name else None
+
+        return wait_for(reported, timeout=60, what=f"SiteTask {site}'s status.lastRound to name {round_name}")
+
     def jobs(self) -> list[dict[str, Any]]:
         return self.client.list("batch/v1", "jobs", self.namespace)
 

@@ -30,7 +30,6 @@ from mfed.storage import S3Settings, Storage
 from tests.e2e.conftest import BUCKET, Cluster
 from tests.support import manifests as m
 from tests.support.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
-from tests.support.waiting import wait_for
 from tests.unit.factories import (
     IMAGE_FOLDER_CASES,
     TAR_SHARD_CASES,
@@ -146,17 +145,6 @@ def _site(cluster: Cluster, name: str, data: dict[str, Any]) -> None:
     cluster.apply(body)
 
 
-def _last_round(cluster: Cluster, site: str) -> dict[str, Any]:
-    """The SiteTask's status.lastRound, which the operator reports once the round has ended."""
-
-    def reported() -> dict[str, Any] | None:
-        body = cluster.client.get("mfed.dev/v1alpha1", "sitetasks", cluster.namespace, site) or {}
-        last: dict[str, Any] | None = (body.get("status") or {}).get("lastRound")
-        return last
-
-    return wait_for(reported, timeout=60, what=f"SiteTask {site}'s status.lastRound")
-
-
 def test_each_bad_data_case_fails_its_site_with_the_file_and_problem_in_both_statuses(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -204,7 +192,7 @@ def test_each_bad_data_case_fails_its_site_with_the_file_and_problem_in_both_sta
     for site, words in expected.items():
         assert (sites[site]["phase"], sites[site]["reason"]) == ("Failed", "BadInput"), sites[site]
         assert words in sites[site]["message"], (site, sites[site]["message"])
-        last = _last_round(cluster, site)
+        last = cluster.last_round(site, "on-own-data")
         assert (last["result"], last["reason"]) == ("Failed", "BadInput") and words in last["message"], last
 
 

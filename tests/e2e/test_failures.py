@@ -87,8 +87,7 @@ def test_a_failed_site_job_is_left_out_when_quorum_is_met_and_fails_the_round_wh
     # the Job failed on its exit code (podFailurePolicy); the trainer's own words say why
     assert (bad["phase"], bad["reason"]) == ("Failed", "BadInput")
     assert "no-such-site-data.npz" in bad["message"], bad
-    sitetask = cluster.client.get("mfed.dev/v1alpha1", "sitetasks", cluster.namespace, "met-bad") or {}
-    last = sitetask["status"]["lastRound"]
+    last = cluster.last_round("met-bad", "met")
     assert (last["result"], last["reason"]) == ("Failed", "BadInput") and "no-such-site-data.npz" in last["message"]
     assert {by_site(met)[s]["phase"] for s in ("met-a", "met-b", "met-c")} == {"Accepted"}
     assert met["summary"]["sites"] == "3/4"

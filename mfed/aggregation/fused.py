@@ -123,13 +123,7 @@ def _open_checked(
         check_structure(manifest, delta_index, decoder_index, base_tensors)
     except (TensorFileError, ContributionRejected):
         return None
-    return RangedContribution(
-        manifest=manifest,
-        delta=delta,
-        decoder=decoder,
-        delta_index=delta_index.by_name(),
-        decoder_index=decoder_index.by_name(),
-    )
+    return RangedContribution.indexed(manifest, delta, decoder, delta_index, decoder_index)
 
 
 def _held_in_memory(source: ByteRange) -> bool:

@@ -116,6 +116,17 @@ class RangedContribution:
     delta_index: Mapping[str, TensorEntry]
     decoder_index: Mapping[str, TensorEntry]
 
+    @classmethod
+    def indexed(
+        cls,
+        manifest: ContributionManifest,
+        delta: ByteRange,
+        decoder: ByteRange,
+        delta_index: TensorIndex,
+        decoder_index: TensorIndex,
+    ) -> RangedContribution:
+        return cls(manifest, delta, decoder, delta_index.by_name(), decoder_index.by_name())
+
     @property
     def two_track(self) -> bool:
         return any(k.startswith(SHARED_TRACK) for k in self.delta_index)
@@ -253,13 +264,7 @@ def validate_ranged(
     decoder_index, decoder_finite = _scan(site, "decoder", decoder, manifest.decoder.sha256)
     finite = {"delta": delta_finite, "decoder": decoder_finite}
     check_structure(manifest, delta_index, decoder_index, base_tensors, finite)
-    return RangedContribution(
-        manifest=manifest,
-        delta=delta,
-        decoder=decoder,
-        delta_index=delta_index.by_name(),
-        decoder_index=decoder_index.by_name(),
-    )
+    return RangedContribution.indexed(manifest, delta, decoder, delta_index, decoder_index)
 
 
 class OutputModel:

@@ -162,7 +162,12 @@ class DataCache:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def held_bytes(self) -> int:
-        """Bytes the cache holds or has promised to downloads in flight."""
+        """Bytes the cache holds or has promised to downloads in flight (read under the lock: a
+        listing taken while a download is renamed into place may name the file twice)."""
+        with self._locked():
+            return self._held_bytes()
+
+    def _held_bytes(self) -> int:
         return sum(size for _path, size, _time in self._entries(with_parts=True))
 
     def _entries(self, *, with_parts: bool) -> list[tuple[Path, int, float]]:
@@ -185,7 +190,7 @@ class DataCache:
                 f"{uri}: {size / 2**20:.0f} MiB is larger than the data cache ({self.limit / 2**20:.0f} MiB); "
                 "raise spec.data.s3.cacheMiB above (loaderWorkers + 1) x the largest shard, or write smaller shards"
             )
-        held = self.held_bytes()
+        held = self._held_bytes()
         for path, file_size, _time in sorted(self._entries(with_parts=False), key=lambda e: e[2]):
             if held + size <= self.limit:
                 break

@@ -47,15 +47,21 @@ Sample = Decoded  # the decoded image or its problem, the target, "shard:key"
 
 def list_shards(root: DataRoot) -> list[StoredFile]:
     """The `.tar` files at the top of the root (a directory, or an S3 prefix)."""
-    return shard_listing(root)[0]
+    return _shards(root, root.files())
 
 
-def shard_listing(root: DataRoot) -> tuple[list[StoredFile], dict[str, int] | None]:
-    """The shards, and their sample counts when the root holds a shard index (SHARD_INDEX)."""
-    files = root.files()
+def _shards(root: DataRoot, files: Sequence[StoredFile]) -> list[StoredFile]:
     shards = [f for f in files if "/" not in f.key and f.key.endswith(".tar")]
     if not shards:
         raise DataError(f"{root.uri}: no .tar shards; write the samples as <key>.png + <key>.cls members of .tar files")
+    return shards
+
+
+def shard_listing(root: DataRoot) -> tuple[list[StoredFile], dict[str, int] | None]:
+    """The shards, and their sample counts when the root holds a shard index (SHARD_INDEX); one
+    listing of the root for both."""
+    files = root.files()
+    shards = _shards(root, files)
     if not any(f.key == SHARD_INDEX for f in files):
         return shards, None
     return shards, read_shard_index(root, shards)

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
 from mfed.methods import Method
 from mfed.naming import API_VERSION, GROUP, ROUND_KIND, SITETASK_KIND
 from mfed.pilot.config import ALL_METHODS, PilotConfig, PilotConfigError, PilotSite
@@ -35,7 +36,7 @@ from mfed.resources.views import (
     parse_round,
     parse_sitetask,
 )
-from mfed.spec import DataSpec, Regularizer
+from mfed.spec import DataSpec, Regularizer, SiteStrategy
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -256,9 +257,7 @@ def pilot_config(
 
 
 def _level2(r: RoundView) -> dict[str, Any]:
-    from mfed.aggregation.crosstask import Level2Rule, Level2Weighting
-    from mfed.spec import SiteStrategy
-
+    """The round's cross-task settings as method_plan(r) reads them (test_pilot_manifests checks it)."""
     out: dict[str, Any] = {}
     if r.weighting:
         out["level2_weighting"] = Level2Weighting(r.weighting)
